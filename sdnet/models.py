@@ -1,0 +1,316 @@
+"""ResNets with stochastic depth (Huang et al., ECCV 2016), Flax Linen.
+
+CIFAR/SVHN ResNets of depth 6n + 2 (He et al., 2016; the paper's Sec. 4): a 3x3 stem,
+three stages of n post-activation basic blocks with 16/32/64 filters at 32/16/8 px, global
+average pooling and a dense layer. The first block of stages 2 and 3 halves the resolution;
+its shortcut is a 2x2 average pool (stride 2) followed by zero channels (option A, no 1x1
+convolution). The authors' published runs subsampled with a 1x1 pool of stride 2; a later
+fix of their code made it a true 2x2 average, which is what this module does.
+
+ImageNet ResNets 50/101/152 use bottleneck blocks with projection shortcuts (Sec. 4).
+
+Every residual block, transition blocks included, is a `StochasticResidual`; the stem
+never drops. The same-shape blocks of a stage run under `nn.scan` with stacked parameters
+(leading axis = block), so the compiled program holds a few blocks whatever the depth.
+
+    model = ResNet110(num_classes=10)
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits, state = model.apply(variables, x, train=True, key=gate_key,
+                                mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdnet import gates as gates_lib
+from sdnet import residual as residual_lib
+from sdnet import survival as survival_lib
+
+ModuleDef = Any
+
+# He-normal, std = sqrt(2 / fan_in) (untruncated), as in the authors' Torch code.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# Torch's default for nn.Linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _pad(kernel: int):
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+class BasicBranch(nn.Module):
+  """f_l of a basic block: conv3x3(stride) - BN - act - conv3x3 - BN."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(x)
+    y = self.act(self.norm()(y))
+    y = self.conv(self.features, (3, 3), padding=_pad(3))(y)
+    return self.norm()(y)
+
+
+class BottleneckBranch(nn.Module):
+  """f_l of a bottleneck block: 1x1 - BN - act - 3x3(stride) - BN - act - 1x1(4x) - BN."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.act(self.norm()(self.conv(self.features, (1, 1))(x)))
+    y = self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(y)
+    y = self.act(self.norm()(y))
+    y = self.conv(self.features * self.expansion, (1, 1))(y)
+    return self.norm()(y)
+
+
+def pool_and_pad_shortcut(x, features: int, strides: int):
+  """Parameter-free shortcut: 2x2 average pool (stride 2), then zero channels appended."""
+  if strides != 1:
+    x = nn.avg_pool(x, (strides, strides), (strides, strides))
+  extra = features - x.shape[-1]
+  if extra > 0:
+    x = jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (extra,), x.dtype)], axis=-1)
+  return x
+
+
+class ProjectionShortcut(nn.Module):
+  """1x1 convolution (stride) + BN, for blocks that change shape (ImageNet ResNets)."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    return self.norm()(self.conv(self.features, (1, 1), (self.strides,) * 2)(x))
+
+
+class Block(nn.Module):
+  """One residual block: builds its branch and shortcut, wraps them stochastically.
+
+  Called as block(x, xs) -> (y, None) so that the same class serves `nn.scan`, where
+  xs = {"prob": p_l, "gate": b_l} holds this block's slice of the per-block arrays.
+  """
+  branch_cls: ModuleDef
+  features: int
+  strides: int
+  projection: bool
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  train: bool
+  skip: str
+  scaling: str
+  mode: str
+
+  @nn.compact
+  def __call__(self, x, xs):
+    branch = self.branch_cls(features=self.features, strides=self.strides,
+                             conv=self.conv, norm=self.norm, act=self.act, name="branch")
+    out_features = self.features * getattr(self.branch_cls, "expansion", 1)
+    if self.projection:
+      shortcut = ProjectionShortcut(out_features, self.strides, self.conv, self.norm,
+                                    name="shortcut")
+    elif self.strides != 1 or x.shape[-1] != out_features:
+      shortcut = functools.partial(pool_and_pad_shortcut, features=out_features,
+                                   strides=self.strides)
+    else:
+      shortcut = None
+    y = residual_lib.StochasticResidual(
+        branch=branch, shortcut=shortcut, activation=self.act, skip=self.skip,
+        scaling=self.scaling, mode=self.mode, name="residual")(
+            x, train=self.train, survival_prob=xs.get("prob", 1.0),
+            gate=xs.get("gate"))
+    return y, None
+
+
+class ResNet(nn.Module):
+  """A post-activation ResNet whose residual blocks have stochastic depth.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_features: branch width per stage (bottleneck output is 4x this).
+    branch_cls: BasicBranch or BottleneckBranch.
+    stem: "cifar" (conv3x3-BN-act) or "imagenet" (conv7x7/2-BN-act-maxpool3x3/2).
+    projection: projection shortcuts (ImageNet) instead of pool + zero channels (CIFAR).
+    p_last: survival probability p_L of the last block; 1 is constant depth.
+    survival_rule: "linear_decay" (the paper's default) or "uniform".
+    survival: explicit per-block survival probabilities (overrides the two above).
+    skip: "auto", "cond" or "mask" (see sdnet.residual).
+    scaling: "paper" (branch x p_l at test), "inverted" (branch / p_l in training), "none".
+    mode: "batch" (one gate per block and mini-batch, the paper) or "row" (per example).
+    dtype: computation dtype (parameters and BatchNorm statistics stay float32).
+    axis_name: the pmap/shard_map axis for cross-replica BatchNorm, or None.
+    conv_bias: convolutions carry a bias (the authors' CIFAR code does).
+    remat: rematerialise each block in the backward pass (saves memory, costs compute).
+    scan_unroll: blocks per iteration of each stage's scan.
+  """
+  stage_sizes: Sequence[int]
+  stage_features: Sequence[int]
+  branch_cls: ModuleDef
+  num_classes: int
+  stem: str = "cifar"
+  projection: bool = False
+  p_last: float = 0.5
+  survival_rule: str = "linear_decay"
+  survival: Optional[Tuple[float, ...]] = None
+  skip: str = "auto"
+  scaling: str = "paper"
+  mode: str = "batch"
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+  conv_bias: bool = True
+  remat: bool = False
+  scan_unroll: int = 1
+
+  def __post_init__(self):
+    if len(self.stage_sizes) != len(self.stage_features) or min(self.stage_sizes) < 1:
+      raise ValueError("stage_sizes and stage_features must have one positive entry per "
+                       f"stage, got {self.stage_sizes} and {self.stage_features}.")
+    if self.stem not in ("cifar", "imagenet"):
+      raise ValueError(f"unknown stem {self.stem!r}; choose 'cifar' or 'imagenet'.")
+    self.survival_probs()  # validates p_last / survival_rule / survival
+    residual_lib.check_options(self.skip, self.scaling, self.mode)
+    super().__post_init__()
+
+  @property
+  def num_blocks(self) -> int:
+    """L, the number of residual blocks (every one droppable)."""
+    return int(sum(self.stage_sizes))
+
+  def survival_probs(self) -> np.ndarray:
+    """p_1..p_L of this network (NumPy, static)."""
+    return survival_lib.schedule(self.num_blocks, self.p_last, self.survival_rule,
+                                 self.survival)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, *, key=None, gates=None):
+    """Logits of images x (NHWC).
+
+    train=True draws the block gates from `key` (or takes explicit bool `gates`, one per
+    block); BatchNorm then uses and updates batch statistics (mutable "batch_stats").
+    At evaluation every block runs with the test-time rule; `gates` may still name a
+    sub-network to run.
+    """
+    probs = self.survival_probs()
+    if train:
+      gates = gates_lib.resolve(key, gates, probs, self.mode, x.shape[0])
+    elif key is not None:
+      raise ValueError("key= draws training gates; at evaluation every block runs. "
+                       "Pass gates= to evaluate a chosen sub-network.")
+    elif gates is not None:
+      gates = gates_lib.check_gates(gates, self.num_blocks, self.mode, x.shape[0])
+    stochastic = gates is not None or not survival_lib.is_constant_depth(probs)
+
+    conv = functools.partial(nn.Conv, use_bias=self.conv_bias, dtype=self.dtype,
+                             kernel_init=he_normal)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
+    act = nn.relu
+
+    x = jnp.asarray(x, self.dtype)
+    if self.stem == "cifar":
+      x = act(norm(name="stem_norm")(
+          conv(self.stage_features[0], (3, 3), padding=_pad(3), name="stem_conv")(x)))
+    else:
+      x = conv(64, (7, 7), (2, 2), padding=_pad(7), name="stem_conv")(x)
+      x = act(norm(name="stem_norm")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+
+    common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act,
+                  train=train, skip=self.skip, scaling=self.scaling, mode=self.mode)
+    block_cls = nn.remat(Block) if self.remat else Block
+    start = 0
+    for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
+      strides = 1 if stage == 0 else 2
+      xs = self._per_block(start, size, probs, gates, stochastic)
+      out_features = features * getattr(self.branch_cls, "expansion", 1)
+      scan_from = 1
+      if strides == 1 and not self.projection and x.shape[-1] == out_features:
+        scan_from = 0  # the first block has the shape of the others: scan it too
+      else:
+        x, _ = block_cls(features=features, strides=strides, projection=self.projection,
+                         name=f"stage{stage + 1}_first", **common)(
+                             x, jax.tree.map(lambda a: a[0], xs))
+      if size > scan_from:
+        scanned_cls = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
+                              split_rngs={"params": True}, length=size - scan_from,
+                              unroll=self.scan_unroll)
+        x, _ = scanned_cls(features=features, strides=1, projection=False,
+                           name=f"stage{stage + 1}_blocks", **common)(
+                               x, jax.tree.map(lambda a: a[scan_from:], xs))
+      start += size
+
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_uniform,
+                 name="head")(x)
+    return jnp.asarray(x, jnp.float32)
+
+  def _per_block(self, start, size, probs, gates, stochastic):
+    """This stage's slice of the per-block arrays (empty when depth is constant)."""
+    if not stochastic:
+      return {}
+    xs = {"prob": jnp.asarray(probs[start:start + size], jnp.float32)}
+    if gates is not None:
+      xs["gate"] = gates[start:start + size]
+    return xs
+
+
+CIFAR_FEATURES = (16, 32, 64)
+
+
+def CifarResNet(depth: int, num_classes: int = 10, **kwargs) -> ResNet:
+  """The CIFAR/SVHN ResNet of depth 6n + 2: n basic blocks in each of 3 stages."""
+  if not isinstance(depth, (int, np.integer)) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(
+        f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, 152, 1202, "
+        f"...), got {depth!r}.")
+  n = (depth - 2) // 6
+  return ResNet(stage_sizes=(n, n, n), stage_features=CIFAR_FEATURES,
+                branch_cls=BasicBranch, num_classes=num_classes, stem="cifar",
+                projection=False, **kwargs)
+
+
+def ImageNetResNet(depth: int, num_classes: int = 1000, **kwargs) -> ResNet:
+  """The bottleneck ImageNet ResNet (50, 101 or 152) with projection shortcuts."""
+  stages = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+  if depth not in stages:
+    raise ValueError(f"ImageNet ResNet depth must be one of {sorted(stages)}, got {depth!r}.")
+  kwargs.setdefault("conv_bias", False)
+  return ResNet(stage_sizes=stages[depth], stage_features=(64, 128, 256, 512),
+                branch_cls=BottleneckBranch, num_classes=num_classes, stem="imagenet",
+                projection=True, **kwargs)
+
+
+ResNet8 = functools.partial(CifarResNet, 8)  # one block per stage: for tests
+ResNet20 = functools.partial(CifarResNet, 20)
+ResNet32 = functools.partial(CifarResNet, 32)
+ResNet44 = functools.partial(CifarResNet, 44)
+ResNet56 = functools.partial(CifarResNet, 56)
+ResNet110 = functools.partial(CifarResNet, 110)
+ResNet152 = functools.partial(CifarResNet, 152)  # the paper's SVHN network
+ResNet1202 = functools.partial(CifarResNet, 1202)
+ResNet50 = functools.partial(ImageNetResNet, 50)
+ResNet101 = functools.partial(ImageNetResNet, 101)
+ImageNetResNet152 = functools.partial(ImageNetResNet, 152)
+
+
+def count_params(params) -> int:
+  """Number of scalar parameters in a parameter tree."""
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -1,0 +1,32 @@
+"""Shared test helpers: walking jaxprs, comparing trees."""
+import jax
+from jax.extend import core as jax_core
+import numpy as np
+
+
+def subjaxprs(eqn):
+  """The jaxprs nested in an equation's parameters (scan/cond/pjit/remat bodies)."""
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+      if isinstance(item, jax_core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax_core.Jaxpr):
+        yield item
+
+
+def count_primitives(jaxpr, name, inside_cond=None, _in_cond=False):
+  """Counts `name` equations; inside_cond=True/False counts only those inside/outside
+  a `cond`."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name and (inside_cond is None or inside_cond == _in_cond):
+      total += 1
+    for sub in subjaxprs(eqn):
+      total += count_primitives(sub, name, inside_cond,
+                                _in_cond or eqn.primitive.name == "cond")
+  return total
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)

@@ -1,0 +1,229 @@
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdnet import models, survival
+from tests import helpers
+
+X = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+
+
+def cifar_param_count(depth, num_classes=10):
+  """Parameters of the 6n+2 CIFAR ResNet with biased convs, counted by hand."""
+  n = (depth - 2) // 6
+  conv = lambda cin, cout, k=3: k * k * cin * cout + cout
+  bn = lambda c: 2 * c
+  total = conv(3, 16) + bn(16)
+  cin = 16
+  for c in (16, 32, 64):
+    for _ in range(n):
+      total += conv(cin, c) + bn(c) + conv(c, c) + bn(c)
+      cin = c
+  return total + 64 * num_classes + num_classes
+
+
+@pytest.mark.parametrize("depth", [20, 56, 110, 1202])
+def test_cifar_parameter_counts(depth):
+  model = models.CifarResNet(depth)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), X, train=False))
+  assert models.count_params(shapes["params"]) == cifar_param_count(depth)
+  assert model.num_blocks == 3 * (depth - 2) // 6
+
+
+def test_known_parameter_counts_and_output_shapes():
+  expected = {20: 270_410, 56: 855_050, 110: 1_732_010, 1202: 19_466_090}
+  for depth, count in expected.items():
+    assert cifar_param_count(depth) == count
+  r50 = jax.eval_shape(lambda: models.ResNet50().init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  assert models.count_params(r50["params"]) == 25_557_032  # the standard ResNet-50
+  out = jax.eval_shape(lambda v: models.ResNet50(num_classes=1000).apply(
+      v, jnp.zeros((2, 64, 64, 3))), r50)
+  assert out.shape == (2, 1000)
+  model = models.ResNet20(num_classes=100)
+  v = model.init(jax.random.key(0), X)
+  assert model.apply(v, X).shape == (4, 100)
+  assert v["params"]["stage2_blocks"]["branch"]["Conv_0"]["kernel"].shape == (2, 3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: models.CifarResNet(21), "6n \\+ 2"),
+    (lambda: models.CifarResNet(2), "6n \\+ 2"),
+    (lambda: models.ImageNetResNet(34), "must be one of"),
+    (lambda: models.ResNet20(p_last=0.0), "p_last must lie in"),
+    (lambda: models.ResNet20(survival=(0.5,) * 8), "got 8 survival probabilities"),
+    (lambda: models.ResNet20(skip="cond", mode="row"), "cannot be skipped"),
+])
+def test_bad_configuration_fails_at_construction(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_bad_call_arguments_fail_clearly():
+  model = models.ResNet8()
+  v = model.init(jax.random.key(0), X)
+  train = lambda **kw: model.apply(v, X, train=True, mutable=["batch_stats"], **kw)
+  with pytest.raises(ValueError, match="train=True needs the block gates"):
+    train()
+  with pytest.raises(ValueError, match=r"gates must have shape \(3,\)"):
+    train(gates=jnp.ones((4,), bool))
+  with pytest.raises(ValueError, match="Integers and seeds are not keys"):
+    train(key=0)
+  with pytest.raises(ValueError, match="not both"):
+    train(key=jax.random.key(0), gates=jnp.ones((3,), bool))
+  with pytest.raises(ValueError, match="at evaluation every block runs"):
+    model.apply(v, X, key=jax.random.key(0))
+
+
+def test_constant_depth_trains_without_key():
+  model = models.ResNet8(p_last=1.0)
+  v = model.init(jax.random.key(0), X)
+  out, _ = model.apply(v, X, train=True, mutable=["batch_stats"])
+  assert out.shape == (4, 10)
+
+
+def train_step_outputs(model, variables, gates):
+  def loss(params):
+    logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                X, train=True, gates=gates, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(logits)), (logits, state["batch_stats"])
+  grads, (logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+  return logits, grads, stats
+
+
+GATE_PATTERNS = [
+    [1, 1, 1, 1, 1, 1, 1, 1, 1],
+    [1, 0, 1, 0, 1, 1, 0, 0, 1],  # transition of stage 2 (block 4) open, stage 3's closed
+    [0, 0, 0, 1, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0],
+]
+
+
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+def test_cond_and_mask_give_same_logits_gradients_and_statistics(pattern):
+  gates = jnp.array(pattern, bool)
+  v = models.ResNet20().init(jax.random.key(0), X)
+  cond = jax.jit(lambda v: train_step_outputs(models.ResNet20(skip="cond"), v, gates))(v)
+  mask = jax.jit(lambda v: train_step_outputs(models.ResNet20(skip="mask"), v, gates))(v)
+  helpers.assert_trees_close(cond, mask, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("skip", ["cond", "mask"])
+def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
+  gates = jnp.array(GATE_PATTERNS[1], bool)
+  model = models.ResNet20(skip=skip)
+  v = model.init(jax.random.key(0), X)
+  _, grads, stats = jax.jit(lambda v: train_step_outputs(model, v, gates))(v)
+  # Blocks 1-3 form the stage1 scan; block 4 is stage2_first; 5-6 stage2 scan; ...
+  layout = {"stage1_blocks": [0, 1, 2], "stage2_first": [3], "stage2_blocks": [4, 5],
+            "stage3_first": [6], "stage3_blocks": [7, 8]}
+  for name, blocks in layout.items():
+    for leaf_grad, leaf_new, leaf_old in zip(
+        jax.tree.leaves(grads[name]), jax.tree.leaves(stats[name]),
+        jax.tree.leaves(v["batch_stats"][name])):
+      for i, block in enumerate(blocks):
+        pick = (lambda a: a[i]) if name.endswith("blocks") else (lambda a: a)
+        if not gates[block]:
+          assert np.all(pick(leaf_grad) == 0), (name, block)
+          np.testing.assert_array_equal(pick(leaf_new), pick(leaf_old))
+        else:
+          assert not np.array_equal(pick(leaf_new), pick(leaf_old)), (name, block)
+  assert np.any(grads["head"]["kernel"] != 0)
+
+
+def test_evaluation_scales_each_branch_by_its_survival_probability():
+  """Eval output = a constant-depth net whose last BN of branch l is scaled by p_l."""
+  stochastic = models.ResNet20(p_last=0.3)
+  p = stochastic.survival_probs()
+  v = stochastic.init(jax.random.key(0), X)
+  # Perturb statistics so that eval-mode BatchNorm is not the identity.
+  v = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), a.shape)),
+                   v)
+  layout = {"stage1_blocks": p[0:3], "stage2_first": p[3], "stage2_blocks": p[4:6],
+            "stage3_first": p[6], "stage3_blocks": p[7:9]}
+  params = jax.tree.map(lambda a: a, v["params"])
+  for name, probs in layout.items():
+    bn = dict(params[name]["branch"]["BatchNorm_1"])
+    probs = jnp.asarray(probs, jnp.float32)
+    scale = probs[:, None] if probs.ndim else probs
+    bn = {k: val * scale for k, val in bn.items()}
+    params[name] = {**params[name], "branch": {**params[name]["branch"], "BatchNorm_1": bn}}
+  expected = models.ResNet20(p_last=1.0).apply({**v, "params": params}, X)
+  got = stochastic.apply(v, X)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, models.ResNet20(p_last=1.0).apply(v, X), atol=1e-3)
+
+
+def test_explicit_gates_at_evaluation_run_a_sub_network():
+  model = models.ResNet8(p_last=0.5)
+  v = model.init(jax.random.key(0), X)
+  np.testing.assert_allclose(model.apply(v, X, gates=jnp.ones(3, bool)), model.apply(v, X),
+                             rtol=1e-6)
+  assert not np.allclose(model.apply(v, X, gates=jnp.array([1, 0, 1], bool)),
+                         model.apply(v, X))
+
+
+def test_dropped_branch_sits_in_a_conditional():
+  model = models.ResNet8(skip="cond")
+  v = model.init(jax.random.key(0), X)
+  fn = lambda v, g: model.apply(v, X, train=True, gates=g, mutable=["batch_stats"])[0]
+  jaxpr = jax.make_jaxpr(fn)(v, jnp.ones(3, bool)).jaxpr
+  # Only the stem conv runs unconditionally; both convs of all three blocks are in conds.
+  assert helpers.count_primitives(jaxpr, "conv_general_dilated", inside_cond=False) == 1
+  assert helpers.count_primitives(jaxpr, "conv_general_dilated", inside_cond=True) == 6
+  assert helpers.count_primitives(jaxpr, "cond") == 3
+  lowered = jax.jit(fn).lower(v, jnp.ones(3, bool)).as_text()
+  assert lowered.count("stablehlo.case") == 3
+  mask_jaxpr = jax.make_jaxpr(
+      lambda v, g: models.ResNet8(skip="mask").apply(
+          v, X, train=True, gates=g, mutable=["batch_stats"])[0])(v, jnp.ones(3, bool))
+  assert helpers.count_primitives(mask_jaxpr.jaxpr, "cond") == 0
+
+
+def test_program_size_does_not_grow_with_depth():
+  """ResNet-1202's train step lowers to the program size of ResNet-20's: stages scan."""
+  def lowered(model):
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    def loss(params, stats, key):
+      logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                              key=key, mutable=["batch_stats"])
+      return logits.sum()
+    return jax.jit(jax.grad(loss)).lower(v["params"], v["batch_stats"], jax.random.key(0))
+  small = lowered(models.ResNet20(skip="cond")).as_text()
+  big = lowered(models.ResNet1202(skip="cond"))
+  assert len(big.as_text()) < 1.1 * len(small)
+  start = time.perf_counter()
+  big.compile()
+  print(f"ResNet-1202 train-step gradient compiled in {time.perf_counter() - start:.1f} s")
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  model = models.ResNet8(dtype=jnp.bfloat16)
+  v = model.init(jax.random.key(0), X)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
+  out, _ = model.apply(v, X, train=True, key=jax.random.key(1), mutable=["batch_stats"])
+  assert out.dtype == jnp.float32
+  ref = models.ResNet8().apply(v, X)
+  np.testing.assert_allclose(model.apply(v, X), ref, rtol=0.1, atol=0.1)
+
+
+def test_remat_gives_the_same_gradients():
+  gates = jnp.array(GATE_PATTERNS[1], bool)
+  v = models.ResNet20().init(jax.random.key(0), X)
+  plain = train_step_outputs(models.ResNet20(skip="cond"), v, gates)
+  remat = train_step_outputs(models.ResNet20(skip="cond", remat=True), v, gates)
+  helpers.assert_trees_close(plain, remat)
+
+
+def test_row_mode_trains_with_per_example_gates():
+  model = models.ResNet8(mode="row", p_last=0.5)
+  v = model.init(jax.random.key(0), X)
+  gates = jnp.zeros((3, 4), bool).at[:, 0].set(True)
+  out, _ = model.apply(v, X, train=True, gates=gates, mutable=["batch_stats"])
+  assert out.shape == (4, 10)
+  with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+    model.apply(v, X, train=True, gates=jnp.ones(3, bool), mutable=["batch_stats"])
