@@ -1,0 +1,49 @@
+"""Base config: CIFAR-10, ResNet-110, stochastic depth (linear decay to p_L = 0.5).
+
+The paper's protocol (Huang et al., 2016, Sec. 4): 500 epochs, batch 128, SGD with Nesterov
+momentum 0.9, weight decay 1e-4, LR 0.1 divided by 10 after epochs 250 and 375; 45k/5k
+train/validation split; per-pixel mean / global std; 4-px shift + flip augmentation.
+Every other config imports this one and overrides it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.dataset = "cifar10"  # cifar10 | cifar100 | svhn_cropped | folder | synthetic
+  config.data_dir = ""  # TFDS data_dir, or ROOT of a folder dataset
+  config.validation_size = 5000  # CIFAR / folder hold-out (SVHN uses 400 + 200 per class)
+  config.augment = ml_collections.FieldReference(None, field_type=bool)  # None: the paper's
+
+  config.model = ml_collections.ConfigDict()
+  config.model.family = "cifar"  # cifar (6n+2) | imagenet (50/101/152)
+  config.model.depth = 110
+
+  config.survival = ml_collections.ConfigDict()
+  config.survival.p_last = 0.5  # 1.0 = constant depth
+  config.survival.rule = "linear_decay"  # linear_decay | uniform
+  config.survival.scaling = "paper"  # paper | inverted | none
+  config.skip = "auto"  # auto | cond | mask
+  config.dtype = "float32"  # float32 | bfloat16
+  config.remat = False
+
+  config.batch_size = 128  # global, split over all devices
+  config.epochs = 500
+  config.learning_rate = 0.1
+  config.lr_drop_fractions = (0.5, 0.75)  # after epochs 250 and 375 of 500
+  config.lr_drop_factor = 0.1
+  config.warmup_epochs = 0.0
+  config.warmup_learning_rate = 0.01
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+
+  config.eval_every_steps = 0  # 0: every epoch
+  config.eval_batch_size = 1000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 0  # 0: at every evaluation
+  config.steps_per_call = 1  # steps per compiled call ("iterations per loop")
+  config.halt_after_steps = 0  # stop early (e.g. to test resuming); 0: run to the end
+  config.seed = 0
+  return config
