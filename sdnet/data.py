@@ -165,10 +165,15 @@ def _tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
         f"loading {name} from TFDS needs tensorflow-datasets and TensorFlow ({e}). "
         "Install them with: pip install tensorflow-datasets tensorflow-cpu") from e
   tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
-  data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
-                                 as_supervised=True))
-  images, labels = data
-  return Split(np.asarray(images, np.uint8), np.asarray(labels, np.int32))
+  # Batches of 4096 rather than batch_size=-1, which crashes TensorFlow 2.21 on
+  # datasets of unknown cardinality (as TFDS mock data is).
+  dataset = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+  images, labels = [], []
+  for image_batch, label_batch in tfds.as_numpy(dataset.batch(4096)):
+    images.append(image_batch)
+    labels.append(label_batch)
+  return Split(np.concatenate(images).astype(np.uint8),
+               np.concatenate(labels).astype(np.int32))
 
 
 def load_image_folder(root: str) -> tuple[Split, Optional[Split], list[str]]:

@@ -1,0 +1,209 @@
+"""The training protocol: schedule, data, end-to-end runs, resuming, bad configs."""
+import importlib
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.configs import default
+from sdnet import data as data_lib
+from sdnet import train
+from tests import helpers
+
+CONFIGS = ["cifar10_sd", "cifar10_constant", "cifar100_sd", "cifar100_constant", "svhn_sd",
+           "svhn_constant", "cifar10_resnet1202_sd", "cifar10_resnet1202_constant", "quick"]
+
+
+def tiny_config(**overrides):
+  config = default.get_config()
+  config.model.depth = 8
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.epochs = 1
+  config.log_every_steps = 2
+  config.validation_size = 8
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def tiny_dataset(n=48, seed=0):
+  split = data_lib.synthetic(num_examples=n + 16, size=8, seed=seed)
+  train_split, val = data_lib.holdout_random(data_lib.Split(split.images[:n], split.labels[:n]),
+                                             8, 0)
+  test = data_lib.Split(split.images[n:], split.labels[n:])
+  return data_lib.finish("tiny", train_split, val, test, 10, True)
+
+
+def test_paper_schedule_boundaries():
+  config = default.get_config()  # 500 epochs, drops after epochs 250 and 375
+  spe = 351
+  lr = train.learning_rate_schedule(config, spe)
+  assert float(lr(0)) == pytest.approx(0.1)
+  assert float(lr(250 * spe - 1)) == pytest.approx(0.1)
+  assert float(lr(250 * spe)) == pytest.approx(0.01)
+  assert float(lr(375 * spe - 1)) == pytest.approx(0.01)
+  assert float(lr(375 * spe)) == pytest.approx(0.001)
+  assert float(lr(500 * spe)) == pytest.approx(0.001)
+
+
+def test_resnet1202_warmup_and_svhn_schedule():
+  config = importlib.import_module("experiments.configs.cifar10_resnet1202_sd").get_config()
+  lr = train.learning_rate_schedule(config, 100)
+  assert [float(lr(s)) for s in (0, 999, 1000, 14999, 15000, 22500)] == pytest.approx(
+      [0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
+  svhn = importlib.import_module("experiments.configs.svhn_sd").get_config()
+  lr = train.learning_rate_schedule(svhn, 100)  # 50 epochs: drops after 30 and 35
+  assert [float(lr(s)) for s in (2999, 3000, 3499, 3500)] == pytest.approx(
+      [0.1, 0.01, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_its_model(name):
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  model = train.build_model(config, 10)
+  assert model.num_blocks == 3 * (config.model.depth - 2) // 6
+  assert (model.survival_probs()[-1] == 1.0) == name.endswith("constant")
+
+
+def test_validation_split_is_disjoint_seeded_and_stable():
+  labels = np.arange(1000) % 10
+  split = data_lib.Split(np.arange(1000, dtype=np.uint8)[:, None, None, None] * 0 +
+                         np.zeros((1000, 1, 1, 1), np.uint8), labels.astype(np.int32))
+  split.images[:, 0, 0, 0] = np.arange(1000) % 256
+  ids = data_lib.Split(np.zeros((1000, 1, 1, 1), np.uint8), np.arange(1000, dtype=np.int32))
+  train_a, val_a = data_lib.holdout_random(ids, 100, seed=3)
+  train_b, val_b = data_lib.holdout_random(ids, 100, seed=3)
+  _, val_c = data_lib.holdout_random(ids, 100, seed=4)
+  assert len(val_a) == 100 and len(train_a) == 900
+  assert not set(train_a.labels) & set(val_a.labels)
+  assert set(train_a.labels) | set(val_a.labels) == set(range(1000))
+  np.testing.assert_array_equal(val_a.labels, val_b.labels)
+  assert not np.array_equal(val_a.labels, val_c.labels)
+  _, per_class = data_lib.holdout_per_class(split, 20, seed=0)
+  assert np.all(np.bincount(per_class.labels) == 20)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+  seen = np.concatenate([data_lib.batch_indices(0, s, 100, 10) for s in range(10)])
+  assert sorted(seen) == list(range(100))  # one epoch visits every example once
+  np.testing.assert_array_equal(data_lib.batch_indices(0, 13, 100, 10),
+                                data_lib.batch_indices(0, 13, 100, 10))
+  assert not np.array_equal(data_lib.batch_indices(0, 3, 100, 10),
+                            data_lib.batch_indices(0, 13, 100, 10))  # reshuffled per epoch
+  split = data_lib.Split(np.zeros((100, 1, 1, 1), np.uint8), np.arange(100, dtype=np.int32))
+  whole = next(data_lib.train_batches(split, 0, 8, 5, [2], 2))["labels"]
+  parts = [next(data_lib.train_batches(split, 0, 8, 5, [2], 2, p, 2))["labels"]
+           for p in range(2)]
+  assert whole.shape == (2, 2, 4) and parts[0].shape == (2, 2, 2)
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts, -1).ravel()),
+                                np.sort(whole.ravel()))
+
+
+def test_augment_is_a_zero_filled_shift_and_flip():
+  images = jax.random.normal(jax.random.key(0), (64, 8, 8, 1)) + 10.0
+  out = np.asarray(data_lib.augment(jax.random.key(1), images, max_shift=2))
+  images = np.asarray(images)
+  for original, augmented in zip(images, out):
+    matches = 0
+    for flip in (False, True):
+      source = original[:, ::-1] if flip else original
+      for dy in range(-2, 3):
+        for dx in range(-2, 3):
+          padded = np.pad(source, ((2, 2), (2, 2), (0, 0)))
+          crop = padded[2 + dy:10 + dy, 2 + dx:10 + dx]
+          matches += np.array_equal(crop, augmented)
+    assert matches == 1
+
+
+def test_normalisation_uses_per_pixel_mean_and_global_std():
+  images = np.random.default_rng(0).integers(0, 255, (50, 4, 4, 3)).astype(np.uint8)
+  mean, std = data_lib.normalisation(images)
+  np.testing.assert_allclose(mean, images.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(std, (images - images.mean(0)).std(), rtol=1e-6)
+
+
+def write_image_folder(root: pathlib.Path, n_per_class=12, with_test=True):
+  split = data_lib.synthetic(num_examples=400, num_classes=3, size=8, seed=5)
+  splits = {"train": n_per_class, "test": 4} if with_test else {"train": n_per_class}
+  for name, count in splits.items():
+    for c, cls in enumerate(["cat", "dog", "emu"]):
+      (root / name / cls).mkdir(parents=True)
+      images = split.images[split.labels == c]
+      for i in range(count):
+        Image.fromarray(images[i + (0 if name == "train" else n_per_class)]).save(
+            root / name / cls / f"{i}.png")
+
+
+def test_end_to_end_on_an_image_folder_with_4_devices(tmp_path):
+  write_image_folder(tmp_path / "data")
+  config = tiny_config(dataset="folder", data_dir=str(tmp_path / "data"), epochs=2,
+                       validation_size=4)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert jax.device_count() == 4
+  saved = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert saved["steps"] == 2 * (32 // 8) and saved["finished"]
+  assert saved["dataset"].startswith("folder:data: 32 train, 4 validation, 12 test, 3 classes")
+  for key in ("best_validation_error", "test_error_at_best_validation", "final_test_error",
+              "wall_time_s", "pipeline_images_per_s", "seed", "config"):
+    assert saved[key] is not None, key
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert any("validation/error" in l for l in lines) and any("train/loss" in l for l in lines)
+  assert os.listdir(tmp_path / "run" / "tensorboard")
+  assert os.listdir(tmp_path / "run" / "best")
+  assert results["state"].step == 8
+
+
+def test_image_folder_errors_name_the_layout(tmp_path):
+  with pytest.raises(FileNotFoundError, match="has no train/ directory"):
+    data_lib.load("folder", str(tmp_path))
+  with pytest.raises(ValueError, match="needs data_dir"):
+    data_lib.load("folder", None)
+  write_image_folder(tmp_path / "d", with_test=False)
+  dataset = data_lib.load("folder", str(tmp_path / "d"), validation_size=6)
+  assert dataset.test is None and len(dataset.train) == 30
+
+
+def test_tfds_path_on_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=40):
+    dataset = data_lib.load("cifar10", validation_size=8)
+  assert dataset.train.images.shape == (32, 32, 32, 3) and dataset.train.images.dtype == np.uint8
+  assert len(dataset.validation) == 8 and dataset.test is not None
+  assert dataset.num_classes == 10 and dataset.augment
+  results = train.train_and_evaluate(tiny_config(halt_after_steps=2), str(tmp_path),
+                                     dataset=dataset)
+  assert results["steps"] == 2
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
+  dataset = tiny_dataset()
+  config = tiny_config(epochs=2, steps_per_call=2, log_every_steps=3)  # 5 steps/epoch
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"), dataset=dataset)
+  config.halt_after_steps = 4
+  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
+  assert first["steps"] == 4 and not first["finished"]
+  config.halt_after_steps = 0
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
+  assert resumed["steps"] == 10 and resumed["finished"]
+  helpers.assert_trees_close(resumed["state"], straight["state"], rtol=1e-6, atol=1e-6)
+  assert resumed["best_validation_error"] == straight["best_validation_error"]
+
+
+def test_bad_configuration_fails_before_training(tmp_path):
+  with pytest.raises(ValueError, match="does not split over 4 devices"):
+    train.train_and_evaluate(tiny_config(batch_size=10), str(tmp_path), dataset=tiny_dataset())
+  with pytest.raises(ValueError, match="6n \\+ 2"):
+    train.train_and_evaluate(tiny_config(**{"model.depth": 9}), str(tmp_path),
+                             dataset=tiny_dataset())
+  with pytest.raises(ValueError, match="unknown dataset"):
+    data_lib.load("imagenet")
