@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from absl import logging
 import flax
