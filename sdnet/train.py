@@ -382,10 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              "parameters": models.count_params(final_state.params)}
   if step == plan.total_steps:
     results["final_validation_error"] = float(
-        evaluate(p_eval, jax_utils.replicate(final_state), dataset.validation, config)["error"])
+        evaluate(p_eval, state, dataset.validation, config)["error"])
     if dataset.test is not None:
       results["final_test_error"] = float(
-          evaluate(p_eval, jax_utils.replicate(final_state), dataset.test, config)["error"])
+          evaluate(p_eval, state, dataset.test, config)["error"])
   reporter.results(results)
   reporter.close()
   checkpoints.close()
