@@ -34,7 +34,7 @@ flags.DEFINE_bool("small", False, "ResNet-8 at batch 8 (a CPU check of the scrip
 flags.DEFINE_integer("repeats", 7, "Interleaved repetitions per variant.")
 flags.DEFINE_integer("calls", 5, "Timed calls per repetition.")
 flags.DEFINE_integer("steps_per_call", 1, "Steps per compiled call.")
-flags.DEFINE_list("skips", ["cond", "mask"], "Skip implementations to time for SD.")
+flags.DEFINE_list("skips", ["cond", "mask", "compact"], "Skip implementations to time for SD.")
 flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_string("out", "", "Write the rows as JSON here.")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdnet import compaction
 from sdnet import gates as gates_lib
 from sdnet import residual as residual_lib
 from sdnet import survival as survival_lib
@@ -152,7 +153,7 @@ class ResNet(nn.Module):
     p_last: survival probability p_L of the last block; 1 is constant depth.
     survival_rule: "linear_decay" (the paper's default) or "uniform".
     survival: explicit per-block survival probabilities (overrides the two above).
-    skip: "auto", "cond" or "mask" (see sdnet.residual).
+    skip: "auto", "cond", "mask" or "compact" (see sdnet.residual, sdnet.compaction).
     scaling: "paper" (branch x p_l at test), "inverted" (branch / p_l in training), "none".
     mode: "batch" (one gate per block and mini-batch, the paper) or "row" (per example).
     dtype: computation dtype (parameters and BatchNorm statistics stay float32).
@@ -235,6 +236,7 @@ class ResNet(nn.Module):
       x = act(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
 
+    compact = residual_lib.resolve_skip(self.skip, self.mode) == "compact"
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act,
                   train=train, skip=self.skip, scaling=self.scaling, mode=self.mode)
     block_cls = nn.remat(Block) if self.remat else Block
@@ -251,18 +253,45 @@ class ResNet(nn.Module):
                          name=f"stage{stage + 1}_first", **common)(
                              x, jax.tree.map(lambda a: a[0], xs))
       if size > scan_from:
-        scanned_cls = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
-                              split_rngs={"params": True}, length=size - scan_from,
-                              unroll=self._unroll(size - scan_from))
-        x, _ = scanned_cls(features=features, strides=1, projection=False,
-                           name=f"stage{stage + 1}_blocks", **common)(
-                               x, jax.tree.map(lambda a: a[scan_from:], xs))
+        name, stage_xs = f"stage{stage + 1}_blocks", jax.tree.map(lambda a: a[scan_from:], xs)
+        if compact and "gate" in stage_xs and not self.is_initializing():
+          x = self._run_compacted(
+              name, Block(features=features, strides=1, projection=False, **common), x,
+              stage_xs)
+        else:
+          scanned_cls = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
+                                split_rngs={"params": True}, length=size - scan_from,
+                                unroll=self._unroll(size - scan_from))
+          x, _ = scanned_cls(features=features, strides=1, projection=False, name=name,
+                             **common)(x, stage_xs)
       start += size
 
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_uniform,
                  name="head")(x)
     return jnp.asarray(x, jnp.float32)
+
+  def _run_compacted(self, name: str, block: Block, x, xs):
+    """The scanned blocks `name`, skipped by compaction (see sdnet.compaction).
+
+    Works on the same stacked variables as the `nn.scan` path (it reads and writes the
+    subtree `name`), so the two are interchangeable on one set of weights.
+    """
+    variables = {"params": self.get_variable("params", name),
+                 "batch_stats": self.get_variable("batch_stats", name)}
+
+    def apply_block(block_variables, h, prob):
+      gate = True  # compaction runs survivors only; static: no conditional per block
+      h, state = block.apply(block_variables, h, {"prob": prob, "gate": gate},
+                             mutable=["batch_stats"])
+      return h[0], state["batch_stats"]
+
+    x, new_stats = compaction.run_stage(apply_block, variables, x, xs["gate"], xs["prob"],
+                                        checkpoint=self.remat,
+                                        unroll=self._unroll(len(xs["gate"])))
+    if self.is_mutable_collection("batch_stats"):
+      self.put_variable("batch_stats", name, new_stats)
+    return x
 
   def _unroll(self, length: int) -> Union[int, bool]:
     if self.scan_unroll != "auto":

@@ -15,7 +15,14 @@ Skipping (`skip=`): how a dropped branch is handled in training, both exact:
          are reset to their old values where the gate is closed, so the math (outputs,
          gradients, new statistics) equals "cond". For `vmap` users, and faster where
          conditionals are expensive (XLA:CPU).
+  "compact" a stage-level method (`sdnet.compaction`, used by `sdnet.models.ResNet`): the
+         surviving blocks of a stage are gathered and run in a few fixed-length scans, one
+         conditional per power of two instead of one per block. A lone block is its own
+         stage, so here it means "cond".
   "auto" the choice for the current backend (`resolve_skip`).
+
+A gate that is a Python bool is static: True runs the branch, False skips it, with no
+conditional in the program.
 """
 
 from __future__ import annotations
@@ -28,16 +35,19 @@ import jax.numpy as jnp
 
 from sdnet import gates as gates_lib
 
-SKIPS = ("auto", "cond", "mask")
+SKIPS = ("auto", "cond", "mask", "compact")
 SCALINGS = ("paper", "inverted", "none")
 
 
 def resolve_skip(skip: str, mode: str = "batch") -> str:
   """The skipping implementation used for `skip` on the default JAX backend.
 
-  Row mode cannot skip (some examples keep the block), so it always masks. On CPU a
-  conditional around convolutions costs about 10x a plain step (XLA:CPU), so "auto"
-  masks there; on GPU and TPU it skips with `lax.cond`.
+  Row mode cannot skip (some examples keep the block), so it always masks. "auto" picks:
+    CPU  "mask": XLA:CPU runs a conditional around convolutions at ~10x a plain step.
+    GPU  "compact": XLA:GPU copies every conditional's predicate to the host and waits,
+         so the fewest conditionals should win: bit_length(n) per stage of n blocks.
+         (`benchmarks/train_step.py` measures every method; see the README.)
+    TPU  "cond": predicates are evaluated on the device; a per-block cond is cheap.
   """
   if skip not in SKIPS:
     raise ValueError(f"unknown skip implementation {skip!r}; choose one of {SKIPS}.")
@@ -48,7 +58,7 @@ def resolve_skip(skip: str, mode: str = "batch") -> str:
           "it cannot be skipped with a conditional. Use skip='mask' or 'auto'.")
     return "mask"
   if skip == "auto":
-    return "mask" if jax.default_backend() == "cpu" else "cond"
+    return {"cpu": "mask", "gpu": "compact"}.get(jax.default_backend(), "cond")
   return skip
 
 
@@ -123,12 +133,14 @@ class StochasticResidual(nn.Module):
     def scaled(y):
       return y if scale is None else y * jnp.asarray(scale, y.dtype)
 
-    if gate is None or self.is_initializing():
+    if gate is None or gate is True or self.is_initializing():
       return finish(scaled(self.branch(x)))
+    if gate is False:
+      return finish(None)
 
     gate = jnp.asarray(gate, jnp.bool_)
     skip = resolve_skip(self.skip, self.mode)
-    if skip == "cond":
+    if skip in ("cond", "compact"):
       return nn.cond(gate,
                      lambda branch, h: finish(scaled(branch(h))),
                      lambda branch, h: finish(None),

@@ -30,3 +30,21 @@ def count_primitives(jaxpr, name, inside_cond=None, _in_cond=False):
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(
       np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def count_executed(jaxpr, name):
+  """How often `name` runs when the program runs: equations inside a scan count once per
+  iteration, inside a cond once per run of its costliest branch."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += eqn.primitive.name == name
+    inner = [count_executed(sub, name) for sub in subjaxprs(eqn)]
+    if not inner:
+      continue
+    if eqn.primitive.name == "scan":
+      total += eqn.params["length"] * sum(inner)
+    elif eqn.primitive.name == "cond":
+      total += max(inner)
+    else:
+      total += sum(inner)
+  return total

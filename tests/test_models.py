@@ -1,3 +1,4 @@
+import functools
 import time
 
 import jax
@@ -102,16 +103,21 @@ GATE_PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("pattern", GATE_PATTERNS)
-def test_cond_and_mask_give_same_logits_gradients_and_statistics(pattern):
+@functools.lru_cache(maxsize=None)
+def resnet20_outputs(skip, pattern):
   gates = jnp.array(pattern, bool)
   v = models.ResNet20().init(jax.random.key(0), X)
-  cond = jax.jit(lambda v: train_step_outputs(models.ResNet20(skip="cond"), v, gates))(v)
-  mask = jax.jit(lambda v: train_step_outputs(models.ResNet20(skip="mask"), v, gates))(v)
-  helpers.assert_trees_close(cond, mask, rtol=2e-5, atol=2e-5)
+  return jax.jit(lambda v: train_step_outputs(models.ResNet20(skip=skip), v, gates))(v)
 
 
-@pytest.mark.parametrize("skip", ["cond", "mask"])
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+@pytest.mark.parametrize("skip", ["cond", "compact"])
+def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(pattern, skip):
+  helpers.assert_trees_close(resnet20_outputs(skip, tuple(pattern)),
+                             resnet20_outputs("mask", tuple(pattern)), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("skip", ["cond", "mask", "compact"])
 def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
   gates = jnp.array(GATE_PATTERNS[1], bool)
   model = models.ResNet20(skip=skip)
@@ -164,6 +170,11 @@ def test_explicit_gates_at_evaluation_run_a_sub_network():
                              rtol=1e-6)
   assert not np.allclose(model.apply(v, X, gates=jnp.array([1, 0, 1], bool)),
                          model.apply(v, X))
+  gates = jnp.array(GATE_PATTERNS[1], bool)
+  v = models.ResNet20().init(jax.random.key(0), X)
+  np.testing.assert_allclose(models.ResNet20(skip="compact").apply(v, X, gates=gates),
+                             models.ResNet20(skip="mask").apply(v, X, gates=gates),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_dropped_branch_sits_in_a_conditional():
@@ -211,11 +222,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   np.testing.assert_allclose(model.apply(v, X), ref, rtol=0.1, atol=0.1)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("skip", ["cond", "compact"])
+def test_remat_gives_the_same_gradients(skip):
   gates = jnp.array(GATE_PATTERNS[1], bool)
   v = models.ResNet20().init(jax.random.key(0), X)
-  plain = train_step_outputs(models.ResNet20(skip="cond"), v, gates)
-  remat = train_step_outputs(models.ResNet20(skip="cond", remat=True), v, gates)
+  plain = train_step_outputs(models.ResNet20(skip=skip), v, gates)
+  remat = train_step_outputs(models.ResNet20(skip=skip, remat=True), v, gates)
   helpers.assert_trees_close(plain, remat)
 
 

@@ -4,16 +4,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sdnet import models
 from tests import helpers
 
 
-def test_pmap_with_cross_replica_batchnorm_and_a_replicated_gate_key():
+@pytest.mark.parametrize("skip", ["cond", "compact"])
+def test_pmap_with_cross_replica_batchnorm_and_a_replicated_gate_key(skip):
   assert jax.local_device_count() == 4
   x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
-  single = models.ResNet20(skip="cond", p_last=0.5)
-  parallel = models.ResNet20(skip="cond", p_last=0.5, axis_name="batch")
+  single = models.ResNet20(skip=skip, p_last=0.5)
+  parallel = models.ResNet20(skip=skip, p_last=0.5, axis_name="batch")
   v = single.init(jax.random.key(0), x)
   key = jax.random.key(5)
 
