@@ -1,0 +1,46 @@
+"""What the benchmarks share: their common flags, one row schema, one text table."""
+
+from absl import flags
+import numpy as np
+
+flags.DEFINE_bool("small", False, "ResNet-8 at batch 8: a CPU check of the script.")
+flags.DEFINE_integer("repeats", 7, "Interleaved repetitions per variant.")
+flags.DEFINE_integer("calls", 5, "Timed calls per repetition.")
+flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
+flags.DEFINE_float("p_last", 0.5, "p_L of the stochastic-depth variants.")
+flags.DEFINE_string("out", "", "Write the rows as JSON here.")
+
+
+def cases():
+  """(depth, batch) pairs to time, from --cases (or ResNet-8 at batch 8 with --small)."""
+  if flags.FLAGS.small:
+    return [(8, 8)]
+  return [tuple(int(v) for v in case.split(":")) for case in flags.FLAGS.cases]
+
+
+def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib):
+  """One result row from a variant's per-repetition step times (seconds)."""
+  ms = np.asarray(seconds_per_step) * 1e3
+  median = float(np.median(ms))
+  return {"depth": depth, "batch": batch, "variant": variant, "median_ms": median,
+          "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+          "ratio_to_constant": median / 1e3 / float(constant_median_s),
+          "images_per_s": batch / (median / 1e3), "compile_s": compile_s,
+          "memory_gib": memory_gib}
+
+
+def format_table(rows, setting_width=0):
+  """The rows as an aligned text table (with a "setting" column when rows carry one)."""
+  setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
+  lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
+           f"{'network':>11} {'batch':>5} {'variant':>10} {'median ms':>9} {'spread ms':>13} "
+           f"{'ratio':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
+  for r in rows:
+    memory = "-" if r["memory_gib"] is None else f"{r['memory_gib']:.2f}"
+    compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+    lines.append(
+        f"{setting(r)}{'ResNet-%d' % r['depth']:>11} {r['batch']:>5} {r['variant']:>10} "
+        f"{r['median_ms']:9.2f} {r['min_ms']:6.2f}-{r['max_ms']:6.2f} "
+        f"{r['ratio_to_constant']:6.3f} {r['images_per_s']:8.0f} {compile_s:>9} "
+        f"{memory:>6}")
+  return "\n".join(lines)
