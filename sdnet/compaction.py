@@ -6,16 +6,19 @@ cost 108 round trips per step, more than the skipped convolutions save. Compacti
 a stage of n same-shape blocks with gates b_1..b_n (one per mini-batch, the paper's) and
 k = sum_l b_l surviving blocks as follows:
 
-  1. k in binary: k = sum_j c_j 2^j, j = m-1 .. 0, with m = bit_length(n).
-  2. Segment j has 2^j slots and runs under one `lax.cond(c_j)` as a scan of length 2^j.
-     Segments are taken in order of decreasing j; the survivors fill the open segments in
-     their original order, so the stage computes H_l = H_{l-1} + f_l(H_{l-1}) for the
-     surviving l, in order, and nothing for the dropped ones (the paper's Eq. 2-3).
-  3. The blocks' stacked variables are gathered into the slots before the segments run;
-     the new BatchNorm statistics are scattered back to the survivors' rows afterwards.
+  1. The stage has segments of fixed lengths r, 2^(m-2), ..., 2, 1, where m = bit_length(n)
+     and r = n - 2^(m-1) + 1: they sum to n, and k is the sum of a subset of them (with r
+     when k >= r, then k - r <= 2^(m-1) - 1 in binary; else k < r <= 2^(m-1) in binary).
+  2. Each segment runs under one `lax.cond` (is it in k's subset?) as a scan of its
+     length. The survivors fill the open segments in their original order, so the stage
+     computes H_l = H_{l-1} + f_l(H_{l-1}) for the surviving l, in order, and nothing for
+     the dropped ones (the paper's Eq. 2-3).
+  3. Each segment gathers its survivors' stacked variables; the new BatchNorm statistics
+     are scattered back to the survivors' rows afterwards.
 
 Exactly k blocks are computed, with m conditionals per stage (5 for ResNet-110's stages of
-18, 8 for ResNet-1202's of 200) instead of n, and a program of m scan bodies per stage.
+18, 8 for ResNet-1202's of 200) instead of n. The n slots hold as many saved activations
+as a plain scan of the stage, and the program has m scan bodies per stage.
 The gradient needs nothing special: the gather's transpose sends each slot's gradient
 back to its block; dropped blocks get zero.
 """
@@ -32,30 +35,36 @@ BlockFn = Callable[[Any, jax.Array, jax.Array], Tuple[jax.Array, Any]]
 
 
 def segment_lengths(num_blocks: int) -> Tuple[int, ...]:
-  """2^(m-1), ..., 2, 1 with m = bit_length(num_blocks): enough to write any k <= n."""
+  """(r, 2^(m-2), ..., 2, 1), m = bit_length(n), r = n - 2^(m-1) + 1; they sum to n."""
   if num_blocks < 1:
     raise ValueError(f"a stage needs at least one block, got {num_blocks}.")
-  return tuple(2 ** j for j in reversed(range(int(num_blocks).bit_length())))
+  m = int(num_blocks).bit_length()
+  return (num_blocks - 2 ** (m - 1) + 1,) + tuple(2 ** j for j in reversed(range(m - 1)))
+
+
+def open_segments(k: jax.Array, num_blocks: int):
+  """For every segment, whether it runs: a subset of `segment_lengths` summing to k."""
+  first, *powers = segment_lengths(num_blocks)
+  with_first = k >= first
+  rest = jnp.where(with_first, k - first, k)
+  return [with_first] + [((rest >> (p.bit_length() - 1)) & 1) == 1 for p in powers]
 
 
 def slot_blocks(gates: jax.Array) -> jax.Array:
   """The block index held by every slot, or n (no block) for the slots of closed segments.
 
-  With survivors s_0 < s_1 < ... < s_{k-1} and segment j (length 2^j, static start S_j)
-  open when bit j of k is set, slot S_j + t holds s_{o_j + t}, where
-  o_j = sum_{i > j} c_i 2^i = (k >> (j + 1)) << (j + 1) survivors fill earlier segments.
+  With survivors s_0 < s_1 < ... < s_{k-1}, slot S_i + t of segment i (static start S_i)
+  holds s_{o_i + t}, where o_i is the total length of the open segments before i.
   """
   gates = jnp.asarray(gates, jnp.bool_)
   n = gates.shape[0]
   survivors = jnp.argsort(~gates, stable=True)  # survivors first, in block order
   k = jnp.sum(gates, dtype=jnp.int32)
-  slots = []
-  for length in segment_lengths(n):
-    bit = length.bit_length() - 1
-    offset = (k >> (bit + 1)) << (bit + 1)
+  slots, offset = [], jnp.zeros((), jnp.int32)
+  for length, is_open in zip(segment_lengths(n), open_segments(k, n)):
     ranks = offset + jnp.arange(length, dtype=jnp.int32)
-    is_open = ((k >> bit) & 1) == 1
     slots.append(jnp.where(is_open, survivors[jnp.minimum(ranks, n - 1)], n))
+    offset = offset + jnp.where(is_open, length, 0)
   return jnp.concatenate(slots).astype(jnp.int32)
 
 
@@ -74,9 +83,7 @@ def run_stage(apply_block: BlockFn, variables: Any, x: jax.Array, gates: jax.Arr
   """
   n = gates.shape[0]
   slots = slot_blocks(gates)
-  gather = lambda a, fill: jnp.take(a, slots, axis=0, mode="fill", fill_value=fill)
-  slot_vars = jax.tree.map(lambda a: gather(a, 0), variables)
-  slot_probs = gather(jnp.asarray(survival_probs, jnp.float32), 1)
+  survival_probs = jnp.asarray(survival_probs, jnp.float32)
   k = jnp.sum(gates, dtype=jnp.int32)
   block = jax.checkpoint(apply_block) if checkpoint else apply_block
 
@@ -88,10 +95,11 @@ def run_stage(apply_block: BlockFn, variables: Any, x: jax.Array, gates: jax.Arr
     return h, seg_vars.get("batch_stats", {})
 
   new_stats, start = [], 0
-  for length in segment_lengths(n):
-    take = lambda a: a[start:start + length]
-    seg_vars, seg_probs = jax.tree.map(take, slot_vars), take(slot_probs)
-    is_open = ((k >> (length.bit_length() - 1)) & 1) == 1
+  for length, is_open in zip(segment_lengths(n), open_segments(k, n)):
+    seg_slots = slots[start:start + length]
+    gather = lambda a, fill: jnp.take(a, seg_slots, axis=0, mode="fill", fill_value=fill)
+    seg_vars = jax.tree.map(lambda a: gather(a, 0), variables)
+    seg_probs = gather(survival_probs, 1)
     x, stats = jax.lax.cond(is_open, scan_segment, pass_segment, x, seg_vars, seg_probs)
     new_stats.append(stats)
     start += length

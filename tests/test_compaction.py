@@ -16,7 +16,10 @@ def random_gates(n, seed):
 @pytest.mark.parametrize("n", [1, 2, 5, 18, 200])
 def test_slots_hold_the_survivors_in_order_in_the_segments_of_k_in_binary(n):
   lengths = compaction.segment_lengths(n)
-  assert sum(lengths) >= n and lengths[-1] == 1 and len(lengths) == n.bit_length()
+  assert sum(lengths) == n and len(lengths) == n.bit_length()
+  for k in range(n + 1):  # every survivor count is a sum of open segments
+    is_open = np.array(compaction.open_segments(jnp.int32(k), n))
+    assert int(np.dot(is_open, lengths)) == k, k
   for seed in range(40):
     gates = random_gates(n, seed)
     if seed == 0:
@@ -28,9 +31,9 @@ def test_slots_hold_the_survivors_in_order_in_the_segments_of_k_in_binary(n):
     assert slots.shape == (sum(lengths),)
     np.testing.assert_array_equal(slots[slots < n], np.flatnonzero(gates))
     start = 0
-    for length in lengths:
+    for length, is_open in zip(lengths, compaction.open_segments(jnp.int32(k), n)):
       segment = slots[start:start + length]
-      assert np.all(segment < n) if k & length else np.all(segment == n), (k, length)
+      assert np.all(segment < n) if is_open else np.all(segment == n), (k, length)
       start += length
 
 

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.survival.p_last = 0.5  # 1.0 = constant depth
   config.survival.rule = "linear_decay"  # linear_decay | uniform
   config.survival.scaling = "paper"  # paper | inverted | none
-  config.skip = "auto"  # auto | cond | mask
+  config.skip = "auto"  # auto | cond | mask | compact (sdnet.residual.resolve_skip)
   config.dtype = "float32"  # float32 | bfloat16
   config.remat = False
 
