@@ -20,13 +20,16 @@ def cases():
 
 def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib):
   """One result row from a variant's per-repetition step times (seconds)."""
-  ms = np.asarray(seconds_per_step) * 1e3
-  median = float(np.median(ms))
-  return {"depth": depth, "batch": batch, "variant": variant, "median_ms": median,
-          "min_ms": float(ms.min()), "max_ms": float(ms.max()),
-          "ratio_to_constant": median / 1e3 / float(constant_median_s),
-          "images_per_s": batch / (median / 1e3), "compile_s": compile_s,
-          "memory_gib": memory_gib}
+  timed = {"median_ms": None, "min_ms": None, "max_ms": None, "ratio_to_constant": None,
+           "images_per_s": None}
+  if len(seconds_per_step):
+    ms = np.asarray(seconds_per_step) * 1e3
+    median = float(np.median(ms))
+    timed = {"median_ms": median, "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+             "ratio_to_constant": median / 1e3 / float(constant_median_s),
+             "images_per_s": batch / (median / 1e3)}
+  return {"depth": depth, "batch": batch, "variant": variant, **timed,
+          "compile_s": compile_s, "memory_gib": memory_gib}
 
 
 def format_table(rows, setting_width=0):
@@ -35,12 +38,13 @@ def format_table(rows, setting_width=0):
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
            f"{'network':>11} {'batch':>5} {'variant':>10} {'median ms':>9} {'spread ms':>13} "
            f"{'ratio':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
+  def number(value, spec, width):
+    return f"{'-' if value is None else format(value, spec):>{width}}"
   for r in rows:
-    memory = "-" if r["memory_gib"] is None else f"{r['memory_gib']:.2f}"
-    compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+    spread = ("-" if r["min_ms"] is None else f"{r['min_ms']:6.2f}-{r['max_ms']:6.2f}")
     lines.append(
         f"{setting(r)}{'ResNet-%d' % r['depth']:>11} {r['batch']:>5} {r['variant']:>10} "
-        f"{r['median_ms']:9.2f} {r['min_ms']:6.2f}-{r['max_ms']:6.2f} "
-        f"{r['ratio_to_constant']:6.3f} {r['images_per_s']:8.0f} {compile_s:>9} "
-        f"{memory:>6}")
+        f"{number(r['median_ms'], '.2f', 9)} {spread:>13} "
+        f"{number(r['ratio_to_constant'], '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
+        f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}")
   return "\n".join(lines)

@@ -11,7 +11,8 @@ repetition runs each variant once in turn, so drifting clocks hit all of them al
 Reported: median ms per step, spread (min-max over repetitions), ratio to constant depth
 of the same network and batch, images/s, compile seconds, and the device memory the
 compiled step needs (XLA's buffer assignment: arguments + temporaries + outputs that do
-not alias a donated argument), which is the step's peak.
+not alias a donated argument), which is the step's peak. --compile_only reports the last
+two alone, without allocating or running anything.
 
 On CPU the figures mean nothing for accelerator speed (XLA:CPU handles conditionals and
 loops very differently); use --small there only to check the script.
@@ -38,9 +39,11 @@ flags.DEFINE_list("skips", ["cond", "mask", "compact"],
                   "Skip implementations to time for stochastic depth.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass.")
+flags.DEFINE_bool("compile_only", False, "Only compile: compile time and memory, no timing "
+                  "(meaningful on CPU too, as proportions).")
 
 
-def make_variant(depth, batch, p_last, skip, steps_per_call):
+def make_variant(depth, batch, p_last, skip, steps_per_call, compile_only=False):
   """A compiled step function and its donated state, as the experiments build them."""
   config = default.get_config()
   config.model.depth, config.batch_size = depth, batch
@@ -49,21 +52,28 @@ def make_variant(depth, batch, p_last, skip, steps_per_call):
   devices = jax.local_device_count()
   model = train.build_model(config, 10)
   tx = train.make_optimizer(config, train.learning_rate_schedule(config, 390))
-  state = jax_utils.replicate(jax.device_get(train.create_train_state(model, tx, (32, 32, 3), 0)))
+  make_state = lambda: jax_utils.replicate(jax.device_get(
+      train.create_train_state(model, tx, (32, 32, 3), 0)))
   kwargs = dict(model=model, tx=tx, seed_key=jax.random.key(0),
                 mean_image=jnp.full((32, 32, 3), 120.0), std=64.0, augment=True)
-  rng = np.random.default_rng(0)
   shape = (devices, steps_per_call, batch // devices)
-  host = {"images": rng.integers(0, 256, shape + (32, 32, 3), dtype=np.uint8),
-          "labels": rng.integers(0, 10, shape, dtype=np.int32)}
-  data = jax.tree.map(jax.device_put, host)
-  metrics = jax_utils.replicate(train.empty_metrics())
+  data = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
+          "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
+  metrics = jax.eval_shape(lambda: jax_utils.replicate(train.empty_metrics()))
   start = time.perf_counter()
   step = jax.pmap(functools.partial(train.train_steps, **kwargs), axis_name=train.AXIS,
-                  donate_argnums=(0, 2)).lower(state, data, metrics).compile()
-  compile_s = time.perf_counter() - start
-  variant = {"fn": step, "state": state, "metrics": metrics, "data": data, "times": [],
-             "compile_s": compile_s, "memory_gib": program_memory_gib(step)}
+                  donate_argnums=(0, 2)).lower(jax.eval_shape(make_state), data,
+                                               metrics).compile()
+  variant = {"fn": step, "times": [], "compile_s": time.perf_counter() - start,
+             "memory_gib": program_memory_gib(step)}
+  if compile_only:
+    return variant
+  rng = np.random.default_rng(0)
+  variant["data"] = jax.tree.map(jax.device_put, {
+      "images": rng.integers(0, 256, data["images"].shape, dtype=np.uint8),
+      "labels": rng.integers(0, 10, data["labels"].shape, dtype=np.int32)})
+  variant["state"] = make_state()
+  variant["metrics"] = jax_utils.replicate(train.empty_metrics())
   run_variant(variant, 1, 1)  # warm-up
   return variant
 
@@ -101,14 +111,15 @@ def main(argv):
   if jax.default_backend() == "cpu":
     print("CPU: these figures say nothing about accelerator speed.")
   for depth, batch in common.cases():
-    variants = {"constant": make_variant(depth, batch, 1.0, "cond", FLAGS.steps_per_call)}
+    make = functools.partial(make_variant, steps_per_call=FLAGS.steps_per_call,
+                             compile_only=FLAGS.compile_only)
+    variants = {"constant": make(depth, batch, 1.0, "cond")}
     for skip in FLAGS.skips:
-      variants[f"SD {skip}"] = make_variant(depth, batch, FLAGS.p_last, skip,
-                                            FLAGS.steps_per_call)
-    for _ in range(repeats):
+      variants[f"SD {skip}"] = make(depth, batch, FLAGS.p_last, skip)
+    for _ in range(0 if FLAGS.compile_only else repeats):
       for variant in variants.values():
         variant["times"].append(run_variant(variant, calls, FLAGS.steps_per_call))
-    base = np.median(variants["constant"]["times"])
+    base = np.median(variants["constant"]["times"] or [np.nan])
     for name, variant in variants.items():
       rows.append(common.row(depth, batch, name, variant["times"], base,
                             variant["compile_s"], variant["memory_gib"]))

@@ -1,5 +1,6 @@
-"""Shared test helpers: walking jaxprs, comparing trees."""
+"""Shared test helpers: walking jaxprs, comparing trees, abstract train steps."""
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jax_core
 import numpy as np
 
@@ -48,3 +49,15 @@ def count_executed(jaxpr, name):
     else:
       total += sum(inner)
   return total
+
+
+def abstract_train_loss(model, image_size=32, batch=2):
+  """(loss, args): a training loss of `model` as loss(params, stats, key) and abstract
+  arguments for it, to trace or lower without initialising anything."""
+  x = jnp.zeros((batch, image_size, image_size, 3))
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  def loss(params, stats, key):
+    logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            key=key, mutable=["batch_stats"])
+    return logits.sum()
+  return loss, (v["params"], v["batch_stats"], jax.random.key(0))

@@ -21,6 +21,20 @@ def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
     assert r["memory_gib"] > 0
 
 
+def test_compile_only_reports_memory_that_remat_lowers(tmp_path):
+  flags.FLAGS(["benchmark"], known_only=True)
+  memory = {}
+  for remat in (False, True):
+    out = tmp_path / f"remat{remat}.json"
+    with flagsaver.flagsaver(small=False, cases=["20:64"], out=str(out), compile_only=True,
+                             remat=remat, skips=["compact"]):
+      train_step.main([])
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["median_ms"] is None and r["compile_s"] > 0 for r in rows)
+    memory[remat] = [r["memory_gib"] for r in rows]
+  assert all(m_remat < m for m, m_remat in zip(memory[False], memory[True])), memory
+
+
 def test_suite_runs_each_setting_in_its_own_process_and_merges_the_rows(tmp_path,
                                                                         monkeypatch):
   from benchmarks import common, suite

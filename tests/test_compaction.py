@@ -91,14 +91,8 @@ def test_gradient_reaches_survivors_only():
 def conditionals_run_per_step(model):
   """Conditionals one train step (forward and backward) runs, stage scans counted per
   iteration."""
-  x = jnp.zeros((2, 32, 32, 3))
-  v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-  def loss(params, stats, key):
-    logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                            key=key, mutable=["batch_stats"])
-    return logits.sum()
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(v["params"], v["batch_stats"],
-                                                   jax.random.key(0))
+  loss, args = helpers.abstract_train_loss(model)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(*args)
   return helpers.count_executed(jaxpr.jaxpr, "cond")
 
 

@@ -195,21 +195,20 @@ def test_dropped_branch_sits_in_a_conditional():
 
 
 def test_program_size_does_not_grow_with_depth():
-  """ResNet-1202's train step lowers to the program size of ResNet-20's: stages scan."""
+  """ResNet-1202's train step lowers to the program size of ResNet-20's: stages scan.
+  With compaction the program grows with the number of segments, bit_length(n)."""
   def lowered(model):
-    x = jnp.zeros((2, 32, 32, 3))
-    v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-    def loss(params, stats, key):
-      logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                              key=key, mutable=["batch_stats"])
-      return logits.sum()
-    return jax.jit(jax.grad(loss)).lower(v["params"], v["batch_stats"], jax.random.key(0))
+    loss, args = helpers.abstract_train_loss(model)
+    return jax.jit(jax.grad(loss)).lower(*args)
   small = lowered(models.ResNet20(skip="cond", scan_unroll=1)).as_text()
   big = lowered(models.ResNet1202(skip="cond", scan_unroll=1))
   assert len(big.as_text()) < 1.1 * len(small)
   start = time.perf_counter()
   big.compile()
   print(f"ResNet-1202 train-step gradient compiled in {time.perf_counter() - start:.1f} s")
+  compact_110 = lowered(models.ResNet110(skip="compact", scan_unroll=1)).as_text()
+  compact_1202 = lowered(models.ResNet1202(skip="compact", scan_unroll=1)).as_text()
+  assert len(compact_1202) < 8 / 5 * 1.1 * len(compact_110)  # 8 vs 5 segments per stage
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
