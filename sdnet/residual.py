@@ -52,10 +52,10 @@ def resolve_skip(skip: str, mode: str = "batch") -> str:
   if skip not in SKIPS:
     raise ValueError(f"unknown skip implementation {skip!r}; choose one of {SKIPS}.")
   if mode == "row":
-    if skip == "cond":
+    if skip in ("cond", "compact"):
       raise ValueError(
           "row mode drops blocks per example, so the branch always runs for some rows: "
-          "it cannot be skipped with a conditional. Use skip='mask' or 'auto'.")
+          f"it cannot be skipped (skip={skip!r}). Use skip='mask' or 'auto'.")
     return "mask"
   if skip == "auto":
     return {"cpu": "mask", "gpu": "compact"}.get(jax.default_backend(), "cond")

@@ -69,12 +69,13 @@ def test_closed_gate_gives_shortcut_zero_gradient_and_old_statistics(skip):
         mutable=["batch_stats"])
     return jnp.sum(out ** 2), state
 
-  (value, state), grads = jax.value_and_grad(loss, has_aux=True)(v["params"], False)
+  (value, state), grads = jax.value_and_grad(loss, has_aux=True)(v["params"],
+                                                                  jnp.array(False))
   np.testing.assert_array_equal(value, jnp.sum(jax.nn.relu(X) ** 2))
   assert all(np.all(g == 0) for g in jax.tree.leaves(grads))
   helpers.assert_trees_close(state["batch_stats"], v["batch_stats"], rtol=0, atol=0)
   # An open gate does change them.
-  (_, state), grads = jax.value_and_grad(loss, has_aux=True)(v["params"], True)
+  (_, state), grads = jax.value_and_grad(loss, has_aux=True)(v["params"], jnp.array(True))
   assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
   assert not np.allclose(state["batch_stats"]["DenseBN_0"]["BatchNorm_0"]["mean"], 0)
 
@@ -90,8 +91,20 @@ def test_cond_and_mask_agree_on_outputs_gradients_and_statistics():
       return jnp.sum(jnp.sin(out)), (out, state)
     return jax.grad(loss, has_aux=True)(v["params"])
 
-  for gate in (True, False):
+  for gate in (jnp.array(True), jnp.array(False)):
     helpers.assert_trees_close(run("cond", gate), run("mask", gate))
+
+
+@pytest.mark.parametrize("skip", ["cond", "mask"])
+def test_a_python_bool_gate_is_static_and_builds_no_conditional(skip):
+  v = init()
+  def run(gate):
+    return Net(True, skip=skip).apply(v, X, 0.5, gate=gate, mutable=["batch_stats"])
+  for gate in (True, False):
+    jaxpr = jax.make_jaxpr(lambda: run(gate))()
+    assert helpers.count_primitives(jaxpr.jaxpr, "cond") == 0
+    assert helpers.count_primitives(jaxpr.jaxpr, "select_n") == 0
+    helpers.assert_trees_close(run(gate), run(jnp.array(gate)))
 
 
 def test_key_draws_the_gate_with_probability_p():
@@ -123,7 +136,7 @@ def test_mask_works_under_vmap_over_gates():
 
 
 def test_bad_options_and_missing_gate_fail_clearly():
-  with pytest.raises(ValueError, match="cannot be skipped with a conditional"):
+  with pytest.raises(ValueError, match="cannot be skipped"):
     StochasticResidual(DenseBN(True), skip="cond", mode="row")
   with pytest.raises(ValueError, match="unknown scaling rule"):
     StochasticResidual(DenseBN(True), scaling="halve")
