@@ -60,10 +60,10 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, compile_only=False)
   data = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
           "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
   metrics = jax.eval_shape(lambda: jax_utils.replicate(train.empty_metrics()))
+  state = jax.eval_shape(make_state)
   start = time.perf_counter()
   step = jax.pmap(functools.partial(train.train_steps, **kwargs), axis_name=train.AXIS,
-                  donate_argnums=(0, 2)).lower(jax.eval_shape(make_state), data,
-                                               metrics).compile()
+                  donate_argnums=(0, 2)).lower(state, data, metrics).compile()
   variant = {"fn": step, "times": [], "compile_s": time.perf_counter() - start,
              "memory_gib": program_memory_gib(step)}
   if compile_only:
@@ -110,9 +110,9 @@ def main(argv):
         f"({jax.default_backend()})")
   if jax.default_backend() == "cpu":
     print("CPU: these figures say nothing about accelerator speed.")
+  make = functools.partial(make_variant, steps_per_call=FLAGS.steps_per_call,
+                           compile_only=FLAGS.compile_only)
   for depth, batch in common.cases():
-    make = functools.partial(make_variant, steps_per_call=FLAGS.steps_per_call,
-                             compile_only=FLAGS.compile_only)
     variants = {"constant": make(depth, batch, 1.0, "cond")}
     for skip in FLAGS.skips:
       variants[f"SD {skip}"] = make(depth, batch, FLAGS.p_last, skip)

@@ -84,7 +84,6 @@ def run_stage(apply_block: BlockFn, variables: Any, x: jax.Array, gates: jax.Arr
   n = gates.shape[0]
   slots = slot_blocks(gates)
   survival_probs = jnp.asarray(survival_probs, jnp.float32)
-  k = jnp.sum(gates, dtype=jnp.int32)
   block = jax.checkpoint(apply_block) if checkpoint else apply_block
 
   def scan_segment(h, seg_vars, seg_probs):
@@ -95,8 +94,9 @@ def run_stage(apply_block: BlockFn, variables: Any, x: jax.Array, gates: jax.Arr
     return h, seg_vars.get("batch_stats", {})
 
   new_stats, start = [], 0
-  for length, is_open in zip(segment_lengths(n), open_segments(k, n)):
+  for length in segment_lengths(n):
     seg_slots = slots[start:start + length]
+    is_open = seg_slots[0] < n  # a closed segment's slots hold no block
     gather = lambda a, fill: jnp.take(a, seg_slots, axis=0, mode="fill", fill_value=fill)
     seg_vars = jax.tree.map(lambda a: gather(a, 0), variables)
     seg_probs = gather(survival_probs, 1)
