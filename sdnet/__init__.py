@@ -1,6 +1,12 @@
-"""sdnet: Deep Networks with Stochastic Depth (Huang et al., ECCV 2016) in JAX/Flax."""
+"""sdnet: Deep Networks with Stochastic Depth (Huang et al., ECCV 2016) in JAX/Flax.
 
-from sdnet import compaction, gates, models, residual, survival
+The library: survival schedules (`survival`), key-drawn gates (`gates`), a stochastic
+residual around any Flax branch (`StochasticResidual`), stage compaction (`compaction`),
+ResNets (`models`), and the per-backend policy (`backend`). It needs jax, flax and numpy
+only; the paper's training protocol lives in the repository's `experiments/`.
+"""
+
+from sdnet import backend, compaction, gates, models, options, residual, survival
 from sdnet.residual import StochasticResidual
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -25,16 +25,17 @@ back to its block; dropped blocks get zero.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 # apply_block(block_variables, h, survival_prob) -> (new h, new block batch_stats)
-BlockFn = Callable[[Any, jax.Array, jax.Array], Tuple[jax.Array, Any]]
+BlockFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
-def segment_lengths(num_blocks: int) -> Tuple[int, ...]:
+def segment_lengths(num_blocks: int) -> tuple[int, ...]:
   """(r, 2^(m-2), ..., 2, 1), m = bit_length(n), r = n - 2^(m-1) + 1; they sum to n."""
   if num_blocks < 1:
     raise ValueError(f"a stage needs at least one block, got {num_blocks}.")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("batch", "row")
+from sdnet import options
 
 
 def check_key(key) -> None:
@@ -36,24 +36,24 @@ def check_key(key) -> None:
       f"{shape}. Integers and seeds are not keys: wrap them with jax.random.key(seed).")
 
 
-def draw(key, probs, mode: str = "batch", batch_size: int | None = None) -> jax.Array:
+def draw(key, probs, mode: options.Mode = "batch",
+         batch_size: int | None = None) -> jax.Array:
   """Draws the gates b_l ~ Bernoulli(p_l) of one mini-batch.
 
   batch mode: one gate per block, shape (L,), shared by every example (the paper).
   row mode: one gate per block and example, shape (L, batch_size).
   """
   check_key(key)
+  options.check("gate mode", mode, options.Mode)
   p = jnp.asarray(probs, jnp.float32)
   if mode == "batch":
     return jax.random.bernoulli(key, p)
-  if mode == "row":
-    if batch_size is None:
-      raise ValueError("row mode draws one gate per example: give batch_size.")
-    return jax.random.bernoulli(key, p[:, None], (p.shape[0], batch_size))
-  raise ValueError(f"unknown gate mode {mode!r}; choose one of {MODES}.")
+  if batch_size is None:
+    raise ValueError("row mode draws one gate per example: give batch_size.")
+  return jax.random.bernoulli(key, p[:, None], (p.shape[0], batch_size))
 
 
-def check_gates(gates, num_blocks: int, mode: str = "batch",
+def check_gates(gates, num_blocks: int, mode: options.Mode = "batch",
                 batch_size: int | None = None) -> jax.Array:
   """Validates an explicit gate array and returns it as bool."""
   gates = jnp.asarray(gates)
@@ -70,7 +70,8 @@ def check_gates(gates, num_blocks: int, mode: str = "batch",
   return gates.astype(jnp.bool_)
 
 
-def resolve(key, gates, probs, mode: str = "batch", batch_size: int | None = None):
+def resolve(key, gates, probs, mode: options.Mode = "batch",
+            batch_size: int | None = None):
   """The gates of a training step: from explicit `gates` or drawn with `key`.
 
   Returns None when the network has constant depth and neither was given (nothing to

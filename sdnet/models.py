@@ -13,7 +13,7 @@ Every residual block, transition blocks included, is a `StochasticResidual`; the
 never drops. The same-shape blocks of a stage run under `nn.scan` with stacked parameters
 (leading axis = block), so the compiled program holds a few blocks whatever the depth.
 
-    model = ResNet110(num_classes=10)
+    model = CifarResNet110(num_classes=10)
     variables = model.init(jax.random.key(0), x, train=False)
     logits, state = model.apply(variables, x, train=True, key=gate_key,
                                 mutable=["batch_stats"])
@@ -21,16 +21,20 @@ never drops. The same-shape blocks of a stage run under `nn.scan` with stacked p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Literal
+import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdnet import backend
 from sdnet import compaction
 from sdnet import gates as gates_lib
+from sdnet import options
 from sdnet import residual as residual_lib
 from sdnet import survival as survival_lib
 
@@ -116,9 +120,9 @@ class Block(nn.Module):
   norm: ModuleDef
   act: Callable
   train: bool
-  skip: str
-  scaling: str
-  mode: str
+  skip: options.Skip
+  scaling: options.Scaling
+  mode: options.Mode
 
   @nn.compact
   def __call__(self, x, xs):
@@ -153,35 +157,35 @@ class ResNet(nn.Module):
     p_last: survival probability p_L of the last block; 1 is constant depth.
     survival_rule: "linear_decay" (the paper's default) or "uniform".
     survival: explicit per-block survival probabilities (overrides the two above).
-    skip: "auto", "cond", "mask" or "compact" (see sdnet.residual, sdnet.compaction).
+    skip: "cond" or "mask" per block (`sdnet.residual`), "compact" per stage
+      (`sdnet.compaction`: a stage's survivors run in a few fixed-length scans), or
+      "auto" (`sdnet.backend.auto_skip`). All give the same math.
     scaling: "paper" (branch x p_l at test), "inverted" (branch / p_l in training), "none".
     mode: "batch" (one gate per block and mini-batch, the paper) or "row" (per example).
     dtype: computation dtype (parameters and BatchNorm statistics stay float32).
     axis_name: the pmap/shard_map axis for cross-replica BatchNorm, or None.
     conv_bias: convolutions carry a bias (the authors' CIFAR code does).
     remat: rematerialise each block in the backward pass (saves memory, costs compute).
-    scan_unroll: blocks per iteration of each stage's scan, True for all, or "auto":
-      on CPU, stages of up to 64 blocks unroll fully (XLA:CPU runs convolutions inside a
-      loop about 20x slower than unrolled ones); elsewhere, deeper, or with remat, a real
-      scan (unrolled, the rematerialised blocks of a scan save no memory: measured).
+    scan_unroll: blocks per iteration of each stage's scan, True for all, or "auto"
+      (`sdnet.backend.unroll_stages`).
   """
   stage_sizes: Sequence[int]
   stage_features: Sequence[int]
   branch_cls: ModuleDef
   num_classes: int
-  stem: str = "cifar"
+  stem: Literal["cifar", "imagenet"] = "cifar"
   projection: bool = False
   p_last: float = 0.5
-  survival_rule: str = "linear_decay"
-  survival: Optional[Tuple[float, ...]] = None
-  skip: str = "auto"
-  scaling: str = "paper"
-  mode: str = "batch"
+  survival_rule: options.SurvivalRule = "linear_decay"
+  survival: tuple[float, ...] | None = None
+  skip: options.StageSkip = "auto"
+  scaling: options.Scaling = "paper"
+  mode: options.Mode = "batch"
   dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
   conv_bias: bool = True
   remat: bool = False
-  scan_unroll: Union[int, bool, str] = "auto"
+  scan_unroll: int | bool | Literal["auto"] = "auto"
 
   def __post_init__(self):
     if len(self.stage_sizes) != len(self.stage_features) or min(self.stage_sizes) < 1:
@@ -190,8 +194,17 @@ class ResNet(nn.Module):
     if self.stem not in ("cifar", "imagenet"):
       raise ValueError(f"unknown stem {self.stem!r}; choose 'cifar' or 'imagenet'.")
     self.survival_probs()  # validates p_last / survival_rule / survival
-    residual_lib.check_options(self.skip, self.scaling, self.mode)
+    options.check("skip implementation", self.skip, options.StageSkip)
+    options.check("scaling rule", self.scaling, options.Scaling)
+    options.check("mode", self.mode, options.Mode)
+    options.check_skip_for_mode(self.skip, self.mode)
     super().__post_init__()
+
+  def stage_skip(self) -> str:
+    """"cond", "mask" or "compact": what `skip` stands for on this backend and mode."""
+    if self.skip == "auto":
+      return backend.auto_skip(self.mode, stage=True)
+    return "mask" if self.mode == "row" else self.skip
 
   @property
   def num_blocks(self) -> int:
@@ -237,9 +250,11 @@ class ResNet(nn.Module):
       x = act(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
 
-    compact = residual_lib.resolve_skip(self.skip, self.mode) == "compact"
-    common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act,
-                  train=train, skip=self.skip, scaling=self.scaling, mode=self.mode)
+    compact = self.stage_skip() == "compact"
+    # A block that compaction does not cover (a stage's first) skips with a cond.
+    common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
+                  skip="cond" if compact else self.stage_skip(), scaling=self.scaling,
+                  mode=self.mode)
     block_cls = nn.remat(Block) if self.remat else Block
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
@@ -294,12 +309,10 @@ class ResNet(nn.Module):
       self.put_variable("batch_stats", name, new_stats)
     return x
 
-  def _unroll(self, length: int) -> Union[int, bool]:
+  def _unroll(self, length: int) -> int | bool:
     if self.scan_unroll != "auto":
       return self.scan_unroll
-    if self.remat:
-      return 1  # unrolled, XLA merges the recomputation with the forward: no memory saved
-    return length <= 64 if jax.default_backend() == "cpu" else 1
+    return backend.unroll_stages(length, self.remat)
 
   def _per_block(self, start, size, probs, gates, stochastic):
     """This stage's slice of the per-block arrays (empty when depth is constant)."""
@@ -337,17 +350,36 @@ def ImageNetResNet(depth: int, num_classes: int = 1000, **kwargs) -> ResNet:
                 projection=True, **kwargs)
 
 
-ResNet8 = functools.partial(CifarResNet, 8)  # one block per stage: for tests
-ResNet20 = functools.partial(CifarResNet, 20)
-ResNet32 = functools.partial(CifarResNet, 32)
-ResNet44 = functools.partial(CifarResNet, 44)
-ResNet56 = functools.partial(CifarResNet, 56)
-ResNet110 = functools.partial(CifarResNet, 110)
-ResNet152 = functools.partial(CifarResNet, 152)  # the paper's SVHN network
-ResNet1202 = functools.partial(CifarResNet, 1202)
-ResNet50 = functools.partial(ImageNetResNet, 50)
-ResNet101 = functools.partial(ImageNetResNet, 101)
+CifarResNet8 = functools.partial(CifarResNet, 8)  # one block per stage: for tests
+CifarResNet20 = functools.partial(CifarResNet, 20)
+CifarResNet32 = functools.partial(CifarResNet, 32)
+CifarResNet44 = functools.partial(CifarResNet, 44)
+CifarResNet56 = functools.partial(CifarResNet, 56)
+CifarResNet110 = functools.partial(CifarResNet, 110)  # the paper's CIFAR network
+CifarResNet152 = functools.partial(CifarResNet, 152)  # the paper's SVHN network
+CifarResNet1202 = functools.partial(CifarResNet, 1202)
+ImageNetResNet50 = functools.partial(ImageNetResNet, 50)
+ImageNetResNet101 = functools.partial(ImageNetResNet, 101)
 ImageNetResNet152 = functools.partial(ImageNetResNet, 152)
+
+# Names of sdnet 0.1, kept one release with a DeprecationWarning. `ResNet152` was the
+# CIFAR/SVHN network, not the ImageNet one that flax and torchvision call ResNet152.
+_DEPRECATED = {
+    **{f"ResNet{d}": f"CifarResNet{d}" for d in (8, 20, 32, 44, 56, 110, 152, 1202)},
+    "ResNet50": "ImageNetResNet50",
+    "ResNet101": "ImageNetResNet101",
+}
+
+
+def __getattr__(name: str):
+  if name in _DEPRECATED:
+    new = _DEPRECATED[name]
+    warnings.warn(f"sdnet.models.{name} is deprecated: use {new}"
+                  + (" (the CIFAR/SVHN network; the ImageNet one is ImageNetResNet152)"
+                     if name == "ResNet152" else "") + ".",
+                  DeprecationWarning, stacklevel=2)
+    return globals()[new]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def count_params(params) -> int:

@@ -13,13 +13,12 @@ Skipping (`skip=`): how a dropped branch is handled in training, both exact:
          statistics stay as they were, its parameters get zero loss-gradient.
   "mask" the branch is always computed and multiplied by its gate; BatchNorm statistics
          are reset to their old values where the gate is closed, so the math (outputs,
-         gradients, new statistics) equals "cond". For `vmap` users, and faster where
-         conditionals are expensive (XLA:CPU).
-  "compact" a stage-level method (`sdnet.compaction`, used by `sdnet.models.ResNet`): the
-         surviving blocks of a stage are gathered and run in a few fixed-length scans, one
-         conditional per power of two instead of one per block. A lone block is its own
-         stage, so here it means "cond".
-  "auto" the choice for the current backend (`resolve_skip`).
+         gradients, new statistics) equals "cond", but the dropped work is still done.
+         For `vmap` users, per-example gates, and backends where conditionals cost more
+         than the branch (XLA:CPU).
+  "auto" the choice for the current backend (`sdnet.backend.auto_skip`).
+Skipping a whole stage of same-shape blocks at once ("compact") is a method of the
+ResNet (`sdnet.models`, `sdnet.compaction`), not of a lone block.
 
 A gate that is a Python bool is static: True runs the branch, False skips it, with no
 conditional in the program.
@@ -27,55 +26,32 @@ conditional in the program.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdnet import backend
 from sdnet import gates as gates_lib
-
-SKIPS = ("auto", "cond", "mask", "compact")
-SCALINGS = ("paper", "inverted", "none")
+from sdnet import options
 
 
-def resolve_skip(skip: str, mode: str = "batch") -> str:
-  """The skipping implementation used for `skip` on the default JAX backend.
-
-  Row mode cannot skip (some examples keep the block), so it always masks. "auto" picks:
-    CPU  "mask": XLA:CPU runs a conditional around convolutions at ~10x a plain step.
-    GPU  "compact": XLA:GPU copies every conditional's predicate to the host and waits,
-         so the fewest conditionals should win: bit_length(n) per stage of n blocks.
-         (`benchmarks/train_step.py` measures every method; see the README.)
-    TPU  "cond": predicates are evaluated on the device; a per-block cond is cheap.
-  """
-  if skip not in SKIPS:
-    raise ValueError(f"unknown skip implementation {skip!r}; choose one of {SKIPS}.")
-  if mode == "row":
-    if skip in ("cond", "compact"):
-      raise ValueError(
-          "row mode drops blocks per example, so the branch always runs for some rows: "
-          f"it cannot be skipped (skip={skip!r}). Use skip='mask' or 'auto'.")
-    return "mask"
+def resolve_skip(skip: options.Skip, mode: options.Mode = "batch") -> str:
+  """"cond" or "mask": the implementation `skip` stands for on this backend and mode."""
+  options.check("skip implementation", skip, options.Skip)
+  options.check("mode", mode, options.Mode)
+  options.check_skip_for_mode(skip, mode)
   if skip == "auto":
-    return {"cpu": "mask", "gpu": "compact"}.get(jax.default_backend(), "cond")
-  return skip
-
-
-def check_options(skip: str, scaling: str, mode: str) -> None:
-  """ValueError naming the choices for a bad option, at module construction."""
-  if mode not in gates_lib.MODES:
-    raise ValueError(f"unknown mode {mode!r}; choose one of {gates_lib.MODES}.")
-  if scaling not in SCALINGS:
-    raise ValueError(f"unknown scaling rule {scaling!r}; choose one of {SCALINGS}.")
-  resolve_skip(skip if skip != "auto" else "mask", mode)
+    return backend.auto_skip(mode, stage=False)
+  return "mask" if mode == "row" else skip
 
 
 def _is_static_one(p) -> bool:
   return isinstance(p, (int, float)) and p == 1
 
 
-def branch_scale(survival_prob, train: bool, scaling: str):
+def branch_scale(survival_prob, train: bool, scaling: options.Scaling):
   """s_train or s_eval of the module docstring (None when it is the constant 1)."""
   if _is_static_one(survival_prob) or scaling == "none":
     return None
@@ -92,7 +68,8 @@ class StochasticResidual(nn.Module):
       with its training flag bound (e.g. BatchNorm(use_running_average=not train)).
     shortcut: callable (function or module) giving the shortcut path; identity if None.
     activation: applied after the addition (post-activation ResNets); none if None.
-    skip, scaling: see the module docstring.
+    skip: "cond", "mask" or "auto" (see the module docstring).
+    scaling: "paper", "inverted" or "none" (see the module docstring).
     mode: "batch" (one gate per mini-batch, the paper) or "row" (one per example).
 
   Call with `train`, the block's `survival_prob` p_l (a Python float or a scalar array,
@@ -101,19 +78,20 @@ class StochasticResidual(nn.Module):
   At evaluation a closed `gate` drops the block too, to run a chosen sub-network.
   """
   branch: nn.Module
-  shortcut: Optional[Callable[[jax.Array], jax.Array]] = None
-  activation: Optional[Callable[[jax.Array], jax.Array]] = None
-  skip: str = "auto"
-  scaling: str = "paper"
-  mode: str = "batch"
+  shortcut: Callable[[jax.Array], jax.Array] | None = None
+  activation: Callable[[jax.Array], jax.Array] | None = None
+  skip: options.Skip = "auto"
+  scaling: options.Scaling = "paper"
+  mode: options.Mode = "batch"
 
   def __post_init__(self):
-    check_options(self.skip, self.scaling, self.mode)
+    resolve_skip(self.skip, self.mode)
+    options.check("scaling rule", self.scaling, options.Scaling)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x, *, train: bool, survival_prob: Any = 1.0,
-               gate: Optional[jax.Array] = None, key: Optional[jax.Array] = None):
+               gate: jax.Array | bool | None = None, key: jax.Array | None = None):
     residual = self.shortcut(x) if self.shortcut is not None else x
     scale = branch_scale(survival_prob, train, self.scaling)
     if key is not None:
@@ -139,8 +117,7 @@ class StochasticResidual(nn.Module):
       return finish(None)
 
     gate = jnp.asarray(gate, jnp.bool_)
-    skip = resolve_skip(self.skip, self.mode)
-    if skip in ("cond", "compact"):
+    if resolve_skip(self.skip, self.mode) == "cond":
       return nn.cond(gate,
                      lambda branch, h: finish(scaled(branch(h))),
                      lambda branch, h: finish(None),

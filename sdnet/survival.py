@@ -7,13 +7,13 @@ NumPy arrays: they are static model configuration, not traced values.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
-RULES = ("linear_decay", "uniform")
+from sdnet import options
 
-SurvivalSpec = Union[Sequence[float], np.ndarray]
+SurvivalSpec = Sequence[float] | np.ndarray
 
 
 def _check_probability(p: float, name: str) -> None:
@@ -66,7 +66,8 @@ def validate(probs: SurvivalSpec, num_blocks: int | None = None) -> np.ndarray:
   return arr
 
 
-def schedule(num_blocks: int, p_last: float = 0.5, rule: str = "linear_decay",
+def schedule(num_blocks: int, p_last: float = 0.5,
+             rule: options.SurvivalRule = "linear_decay",
              probs: SurvivalSpec | None = None) -> np.ndarray:
   """The survival probabilities of a network: explicit `probs`, or `rule` at `p_last`.
 
@@ -74,11 +75,8 @@ def schedule(num_blocks: int, p_last: float = 0.5, rule: str = "linear_decay",
   """
   if probs is not None:
     return validate(probs, num_blocks)
-  if rule == "linear_decay":
-    return linear_decay(num_blocks, p_last)
-  if rule == "uniform":
-    return uniform(num_blocks, p_last)
-  raise ValueError(f"unknown survival rule {rule!r}; choose one of {RULES}.")
+  options.check("survival rule", rule, options.SurvivalRule)
+  return (linear_decay if rule == "linear_decay" else uniform)(num_blocks, p_last)
 
 
 def expected_depth(probs: SurvivalSpec) -> float:

@@ -1,8 +1,8 @@
 """Shared test helpers: walking jaxprs, comparing trees, abstract train steps."""
+import chex
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
-import numpy as np
 
 
 def subjaxprs(eqn):
@@ -29,8 +29,7 @@ def count_primitives(jaxpr, name, inside_cond=None, _in_cond=False):
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def count_executed(jaxpr, name):

@@ -38,13 +38,13 @@ def test_known_parameter_counts_and_output_shapes():
   expected = {20: 270_410, 56: 855_050, 110: 1_732_010, 1202: 19_466_090}
   for depth, count in expected.items():
     assert cifar_param_count(depth) == count
-  r50 = jax.eval_shape(lambda: models.ResNet50().init(
+  r50 = jax.eval_shape(lambda: models.ImageNetResNet50().init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
   assert models.count_params(r50["params"]) == 25_557_032  # the standard ResNet-50
-  out = jax.eval_shape(lambda v: models.ResNet50(num_classes=1000).apply(
+  out = jax.eval_shape(lambda v: models.ImageNetResNet50(num_classes=1000).apply(
       v, jnp.zeros((2, 64, 64, 3))), r50)
   assert out.shape == (2, 1000)
-  model = models.ResNet20(num_classes=100)
+  model = models.CifarResNet20(num_classes=100)
   v = model.init(jax.random.key(0), X)
   assert model.apply(v, X).shape == (4, 100)
   assert v["params"]["stage2_blocks"]["branch"]["Conv_0"]["kernel"].shape == (2, 3, 3, 32, 32)
@@ -54,11 +54,11 @@ def test_known_parameter_counts_and_output_shapes():
     (lambda: models.CifarResNet(21), "6n \\+ 2"),
     (lambda: models.CifarResNet(2), "6n \\+ 2"),
     (lambda: models.ImageNetResNet(34), "must be one of"),
-    (lambda: models.ResNet20(p_last=0.0), "p_last must lie in"),
-    (lambda: models.ResNet20(survival=(0.5,) * 8), "got 8 survival probabilities"),
-    (lambda: models.ResNet20(skip="cond", mode="row"), "cannot be skipped"),
-    (lambda: models.ResNet20(skip="compact", mode="row"), "cannot be skipped"),
-    (lambda: models.ResNet20(skip="fast"), "unknown skip implementation 'fast'"),
+    (lambda: models.CifarResNet20(p_last=0.0), "p_last must lie in"),
+    (lambda: models.CifarResNet20(survival=(0.5,) * 8), "got 8 survival probabilities"),
+    (lambda: models.CifarResNet20(skip="cond", mode="row"), "cannot be skipped"),
+    (lambda: models.CifarResNet20(skip="compact", mode="row"), "cannot be skipped"),
+    (lambda: models.CifarResNet20(skip="fast"), "unknown skip implementation 'fast'"),
 ])
 def test_bad_configuration_fails_at_construction(make, message):
   with pytest.raises(ValueError, match=message):
@@ -66,7 +66,7 @@ def test_bad_configuration_fails_at_construction(make, message):
 
 
 def test_bad_call_arguments_fail_clearly():
-  model = models.ResNet8()
+  model = models.CifarResNet8()
   v = model.init(jax.random.key(0), X)
   train = lambda **kw: model.apply(v, X, train=True, mutable=["batch_stats"], **kw)
   with pytest.raises(ValueError, match="train=True needs the block gates"):
@@ -82,7 +82,7 @@ def test_bad_call_arguments_fail_clearly():
 
 
 def test_constant_depth_trains_without_key():
-  model = models.ResNet8(p_last=1.0)
+  model = models.CifarResNet8(p_last=1.0)
   v = model.init(jax.random.key(0), X)
   out, _ = model.apply(v, X, train=True, mutable=["batch_stats"])
   assert out.shape == (4, 10)
@@ -108,8 +108,8 @@ GATE_PATTERNS = [
 @functools.lru_cache(maxsize=None)
 def resnet20_outputs(skip, pattern):
   gates = jnp.array(pattern, bool)
-  v = models.ResNet20().init(jax.random.key(0), X)
-  return jax.jit(lambda v: train_step_outputs(models.ResNet20(skip=skip), v, gates))(v)
+  v = models.CifarResNet20().init(jax.random.key(0), X)
+  return jax.jit(lambda v: train_step_outputs(models.CifarResNet20(skip=skip), v, gates))(v)
 
 
 @pytest.mark.parametrize("pattern", GATE_PATTERNS)
@@ -122,7 +122,7 @@ def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(patt
 @pytest.mark.parametrize("skip", ["cond", "mask", "compact"])
 def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
   gates = jnp.array(GATE_PATTERNS[1], bool)
-  model = models.ResNet20(skip=skip)
+  model = models.CifarResNet20(skip=skip)
   v = model.init(jax.random.key(0), X)
   _, grads, stats = jax.jit(lambda v: train_step_outputs(model, v, gates))(v)
   # Blocks 1-3 form the stage1 scan; block 4 is stage2_first; 5-6 stage2 scan; ...
@@ -144,7 +144,7 @@ def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
 
 def test_evaluation_scales_each_branch_by_its_survival_probability():
   """Eval output = a constant-depth net whose last BN of branch l is scaled by p_l."""
-  stochastic = models.ResNet20(p_last=0.3)
+  stochastic = models.CifarResNet20(p_last=0.3)
   p = stochastic.survival_probs()
   v = stochastic.init(jax.random.key(0), X)
   # Perturb statistics so that eval-mode BatchNorm is not the identity.
@@ -159,28 +159,28 @@ def test_evaluation_scales_each_branch_by_its_survival_probability():
     scale = probs[:, None] if probs.ndim else probs
     bn = {k: val * scale for k, val in bn.items()}
     params[name] = {**params[name], "branch": {**params[name]["branch"], "BatchNorm_1": bn}}
-  expected = models.ResNet20(p_last=1.0).apply({**v, "params": params}, X)
+  expected = models.CifarResNet20(p_last=1.0).apply({**v, "params": params}, X)
   got = stochastic.apply(v, X)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(got, models.ResNet20(p_last=1.0).apply(v, X), atol=1e-3)
+  assert not np.allclose(got, models.CifarResNet20(p_last=1.0).apply(v, X), atol=1e-3)
 
 
 def test_explicit_gates_at_evaluation_run_a_sub_network():
-  model = models.ResNet8(p_last=0.5)
+  model = models.CifarResNet8(p_last=0.5)
   v = model.init(jax.random.key(0), X)
   np.testing.assert_allclose(model.apply(v, X, gates=jnp.ones(3, bool)), model.apply(v, X),
                              rtol=1e-6)
   assert not np.allclose(model.apply(v, X, gates=jnp.array([1, 0, 1], bool)),
                          model.apply(v, X))
   gates = jnp.array(GATE_PATTERNS[1], bool)
-  v = models.ResNet20().init(jax.random.key(0), X)
-  np.testing.assert_allclose(models.ResNet20(skip="compact").apply(v, X, gates=gates),
-                             models.ResNet20(skip="mask").apply(v, X, gates=gates),
+  v = models.CifarResNet20().init(jax.random.key(0), X)
+  np.testing.assert_allclose(models.CifarResNet20(skip="compact").apply(v, X, gates=gates),
+                             models.CifarResNet20(skip="mask").apply(v, X, gates=gates),
                              rtol=1e-5, atol=1e-6)
 
 
 def test_dropped_branch_sits_in_a_conditional():
-  model = models.ResNet8(skip="cond")
+  model = models.CifarResNet8(skip="cond")
   v = model.init(jax.random.key(0), X)
   fn = lambda v, g: model.apply(v, X, train=True, gates=g, mutable=["batch_stats"])[0]
   jaxpr = jax.make_jaxpr(fn)(v, jnp.ones(3, bool)).jaxpr
@@ -191,7 +191,7 @@ def test_dropped_branch_sits_in_a_conditional():
   lowered = jax.jit(fn).lower(v, jnp.ones(3, bool)).as_text()
   assert lowered.count("stablehlo.case") == 3
   mask_jaxpr = jax.make_jaxpr(
-      lambda v, g: models.ResNet8(skip="mask").apply(
+      lambda v, g: models.CifarResNet8(skip="mask").apply(
           v, X, train=True, gates=g, mutable=["batch_stats"])[0])(v, jnp.ones(3, bool))
   assert helpers.count_primitives(mask_jaxpr.jaxpr, "cond") == 0
 
@@ -202,38 +202,38 @@ def test_program_size_does_not_grow_with_depth():
   def lowered(model):
     loss, args = helpers.abstract_train_loss(model)
     return jax.jit(jax.grad(loss)).lower(*args)
-  small = lowered(models.ResNet20(skip="cond", scan_unroll=1)).as_text()
-  big = lowered(models.ResNet1202(skip="cond", scan_unroll=1))
+  small = lowered(models.CifarResNet20(skip="cond", scan_unroll=1)).as_text()
+  big = lowered(models.CifarResNet1202(skip="cond", scan_unroll=1))
   assert len(big.as_text()) < 1.1 * len(small)
   start = time.perf_counter()
   big.compile()
   print(f"ResNet-1202 train-step gradient compiled in {time.perf_counter() - start:.1f} s")
-  compact_110 = lowered(models.ResNet110(skip="compact", scan_unroll=1)).as_text()
-  compact_1202 = lowered(models.ResNet1202(skip="compact", scan_unroll=1)).as_text()
+  compact_110 = lowered(models.CifarResNet110(skip="compact", scan_unroll=1)).as_text()
+  compact_1202 = lowered(models.CifarResNet1202(skip="compact", scan_unroll=1)).as_text()
   assert len(compact_1202) < 8 / 5 * 1.1 * len(compact_110)  # 8 vs 5 segments per stage
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
-  model = models.ResNet8(dtype=jnp.bfloat16)
+  model = models.CifarResNet8(dtype=jnp.bfloat16)
   v = model.init(jax.random.key(0), X)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
   out, _ = model.apply(v, X, train=True, key=jax.random.key(1), mutable=["batch_stats"])
   assert out.dtype == jnp.float32
-  ref = models.ResNet8().apply(v, X)
+  ref = models.CifarResNet8().apply(v, X)
   np.testing.assert_allclose(model.apply(v, X), ref, rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("skip", ["cond", "compact"])
 def test_remat_gives_the_same_gradients(skip):
   gates = jnp.array(GATE_PATTERNS[1], bool)
-  v = models.ResNet20().init(jax.random.key(0), X)
-  plain = train_step_outputs(models.ResNet20(skip=skip), v, gates)
-  remat = train_step_outputs(models.ResNet20(skip=skip, remat=True), v, gates)
+  v = models.CifarResNet20().init(jax.random.key(0), X)
+  plain = train_step_outputs(models.CifarResNet20(skip=skip), v, gates)
+  remat = train_step_outputs(models.CifarResNet20(skip=skip, remat=True), v, gates)
   helpers.assert_trees_close(plain, remat)
 
 
 def test_row_mode_trains_with_per_example_gates():
-  model = models.ResNet8(mode="row", p_last=0.5)
+  model = models.CifarResNet8(mode="row", p_last=0.5)
   v = model.init(jax.random.key(0), X)
   gates = jnp.zeros((3, 4), bool).at[:, 0].set(True)
   out, _ = model.apply(v, X, train=True, gates=gates, mutable=["batch_stats"])

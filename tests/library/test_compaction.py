@@ -99,15 +99,19 @@ def conditionals_run_per_step(model):
 def test_resnet110_runs_a_few_conditionals_per_stage_instead_of_one_per_block():
   # Stage 1: 18 scanned blocks -> segments 16, 8, 4, 2, 1. Stages 2-3: the transition
   # block's own cond + 17 scanned blocks -> 5 segments. Forward and backward each.
-  compact = conditionals_run_per_step(models.ResNet110(skip="compact"))
-  per_block = conditionals_run_per_step(models.ResNet110(skip="cond"))
+  compact = conditionals_run_per_step(models.CifarResNet110(skip="compact"))
+  per_block = conditionals_run_per_step(models.CifarResNet110(skip="cond"))
   assert compact == 2 * (5 + 6 + 6)
   assert per_block == 2 * 54
 
 
 def test_auto_picks_per_backend(monkeypatch):
-  from sdnet import residual
-  for backend, expected in [("cpu", "mask"), ("gpu", "compact"), ("tpu", "cond")]:
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert residual.resolve_skip("auto") == expected
+  from sdnet import backend, residual
+  for platform, stage, block in [("cpu", "mask", "mask"), ("gpu", "compact", "cond"),
+                                 ("tpu", "cond", "cond")]:
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert models.CifarResNet20().stage_skip() == stage
+    assert residual.resolve_skip("auto") == block
     assert residual.resolve_skip("auto", "row") == "mask"
+    assert models.CifarResNet20(mode="row").stage_skip() == "mask"
+    assert backend.auto_skip("batch", stage=True) == stage

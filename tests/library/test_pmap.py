@@ -14,8 +14,8 @@ from tests import helpers
 def test_pmap_with_cross_replica_batchnorm_and_a_replicated_gate_key(skip):
   assert jax.local_device_count() == 4
   x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
-  single = models.ResNet20(skip=skip, p_last=0.5)
-  parallel = models.ResNet20(skip=skip, p_last=0.5, axis_name="batch")
+  single = models.CifarResNet20(skip=skip, p_last=0.5)
+  parallel = models.CifarResNet20(skip=skip, p_last=0.5, axis_name="batch")
   v = single.init(jax.random.key(0), x)
   key = jax.random.key(5)
 

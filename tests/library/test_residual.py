@@ -142,5 +142,9 @@ def test_bad_options_and_missing_gate_fail_clearly():
     StochasticResidual(DenseBN(True), scaling="halve")
   with pytest.raises(ValueError, match="unknown skip implementation"):
     StochasticResidual(DenseBN(True), skip="select")
+  # Compaction is a method of a whole stage (sdnet.models.ResNet), not of one block.
+  with pytest.raises(ValueError, match=r"unknown skip implementation 'compact'; choose one "
+                     r"of \('auto', 'cond', 'mask'\)"):
+    StochasticResidual(DenseBN(True), skip="compact")
   with pytest.raises(ValueError, match="needs gate= or key="):
     Net(True).apply(init(), X, 0.5, mutable=["batch_stats"])
