@@ -4,8 +4,9 @@ r"""Times the real training step: constant depth vs stochastic depth, per skip m
   python -m benchmarks.train_step --small                       # a CPU smoke run
   python -m benchmarks.suite --out_dir=bench                    # every setting (GPU)
 
-Each row is the experiments' own pmapped step (`sdnet.train.train_steps`: augmentation,
-forward, backward, Nesterov update) with `--steps_per_call` steps per call, on random
+Each row is the experiments' own compiled step, built by the one builder the training
+loop uses (`experiments.lib.steps.make_train_step`: augmentation, forward, backward,
+Nesterov update) with `--steps_per_call` steps per call, on random
 uint8 images. Variants are compiled ahead of time, then timed interleaved: every
 repetition runs each variant once in turn, so drifting clocks hit all of them alike.
 Reported: median ms per step, spread (min-max over repetitions), ratio to constant depth
@@ -31,7 +32,7 @@ import numpy as np
 
 from benchmarks import common
 from experiments.configs import default
-from sdnet import train
+from experiments.lib import steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps_per_call", 1, "Steps per compiled call.")
@@ -50,21 +51,19 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, compile_only=False)
   config.survival.p_last, config.skip = p_last, skip
   config.dtype, config.remat = FLAGS.dtype, FLAGS.remat
   devices = jax.local_device_count()
-  model = train.build_model(config, 10)
-  tx = train.make_optimizer(config, train.learning_rate_schedule(config, 390))
+  model = steps.build_model(config, 10)
+  tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, 390))
   make_state = lambda: jax_utils.replicate(jax.device_get(
-      train.create_train_state(model, tx, (32, 32, 3), 0)))
-  kwargs = dict(model=model, tx=tx, seed_key=jax.random.key(0),
-                mean_image=jnp.full((32, 32, 3), 120.0), std=64.0, augment=True)
+      steps.create_train_state(model, tx, (32, 32, 3), 0)))
+  pmapped = steps.make_train_step(model, tx, seed=0, mean_image=jnp.full((32, 32, 3), 120.0),
+                                  std=64.0, augment=True)
   shape = (devices, steps_per_call, batch // devices)
   data = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
           "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
-  metrics = jax.eval_shape(lambda: jax_utils.replicate(train.empty_metrics()))
+  metrics = jax.eval_shape(lambda: jax_utils.replicate(steps.empty_metrics()))
   state = jax.eval_shape(make_state)
-  start = time.perf_counter()
-  step = jax.pmap(functools.partial(train.train_steps, **kwargs), axis_name=train.AXIS,
-                  donate_argnums=(0, 2)).lower(state, data, metrics).compile()
-  variant = {"fn": step, "times": [], "compile_s": time.perf_counter() - start,
+  step, compile_s = steps.compile_ahead(pmapped, state, data, metrics)
+  variant = {"fn": step, "times": [], "compile_s": compile_s,
              "memory_gib": program_memory_gib(step)}
   if compile_only:
     return variant
@@ -73,7 +72,7 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, compile_only=False)
       "images": rng.integers(0, 256, data["images"].shape, dtype=np.uint8),
       "labels": rng.integers(0, 10, data["labels"].shape, dtype=np.int32)})
   variant["state"] = make_state()
-  variant["metrics"] = jax_utils.replicate(train.empty_metrics())
+  variant["metrics"] = jax_utils.replicate(steps.empty_metrics())
   run_variant(variant, 1, 1)  # warm-up
   return variant
 

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.survival.p_last = 0.5  # 1.0 = constant depth
   config.survival.rule = "linear_decay"  # linear_decay | uniform
   config.survival.scaling = "paper"  # paper | inverted | none
-  config.skip = "auto"  # auto | cond | mask | compact (sdnet.residual.resolve_skip)
+  config.skip = "auto"  # auto | cond | mask | compact (sdnet.backend.auto_skip)
   config.dtype = "float32"  # float32 | bfloat16
   config.remat = False
 
@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval_every_steps = 0  # 0: every epoch
   config.eval_batch_size = 1000
+  config.test_every_eval = True  # test error at every evaluation (Fig. 3 curves)
   config.log_every_steps = 100
   config.checkpoint_every_steps = 0  # 0: at every evaluation
   config.steps_per_call = 1  # steps per compiled call ("iterations per loop")

@@ -1,42 +1,121 @@
 """Checkpoints with orbax: the latest ones (to resume) and the best-validation one.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, and
-the latest two are kept, so a crash while saving never loses the previous good one.
+- Orbax writes each checkpoint into a temporary directory and renames it when complete,
+  and the latest two are kept, so a crash while saving never loses the previous one.
+- Every array's CRC-32 is saved in the checkpoint's metadata and checked on restore, so
+  overwritten bytes are found, not trained on. A damaged checkpoint is moved aside to
+  WORKDIR/damaged/ (kept for inspection) and the next older one is used.
+- On many hosts every process takes part in every save; the two managers use their own
+  barrier names, so saving the latest and the best checkpoint of one step never collide.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Optional
+from collections.abc import Callable
+import zlib
+from typing import Any
 
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """CRC-32 of every array of a host (NumPy) state, keyed by its path in the tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes())
+          for path, leaf in leaves}
+
+
+def damaged_arrays(state: Any, expected: dict[str, int]) -> list[str]:
+  """Paths of the arrays whose CRC-32 differs from `expected` (or that are missing)."""
+  found = checksums(state)
+  return sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
 
 
 class Checkpoints:
   """`WORKDIR/checkpoints` (latest `keep` steps) and `WORKDIR/best` (one)."""
 
-  def __init__(self, workdir: str, keep: int = 2):
-    workdir = os.path.abspath(workdir)
-    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
-    self.latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                        options=options(keep))
-    self.best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=options(1))
+  def __init__(self, workdir: epath.Path, keep: int = 2):
+    self.workdir = workdir
 
-  def latest_step(self) -> Optional[int]:
-    return self.latest.latest_step()
+    def manager(name: str, max_to_keep: int):
+      return ocp.CheckpointManager(workdir / name, options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=name)))
+
+    self.latest = manager("checkpoints", keep)
+    self.best = manager("best", 1)
+
+  def steps(self) -> list[int]:
+    return sorted(self.latest.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
-    """Saves host (NumPy) `state` and JSON `meta` at `step`."""
+    """Saves host (NumPy) `state` and JSON `meta` (plus the arrays' checksums) at `step`."""
     manager = self.best if best else self.latest
+    meta = {**meta, "checksums": checksums(state)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)))
 
+  def read_meta(self, step: int, best: bool = False) -> dict:
+    manager = self.best if best else self.latest
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, step: int, template: Any, best: bool = False) -> tuple[Any, dict]:
-    """(state, meta) saved at `step`, shaped like `template`."""
+    """(state, meta) saved at `step`, shaped like `template`; ValueError if damaged."""
     manager = self.best if best else self.latest
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    state, meta = restored["state"], restored["meta"]
+    bad = damaged_arrays(state, meta.get("checksums", {}))
+    if bad:
+      raise ValueError(f"{len(bad)} array(s) differ from their checksums, e.g. {bad[0]}")
+    return state, meta
+
+  def restore_newest_good(self, template: Any, check_meta: Callable[[dict], None]
+                          ) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest checkpoint that restores and verifies.
+
+    `check_meta(meta)` runs first on each one's metadata and may raise (a config that
+    does not match is the user's to resolve, not a damaged file). Damaged checkpoints
+    are reported in one line each and moved to WORKDIR/damaged/. None if none is left.
+    """
+    for step in reversed(self.steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      check_meta(meta)
+      try:
+        state, meta = self.restore(step, template)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      return step, state, meta
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(
+        error).__name__
+    older = [s for s in self.steps() if s < step]
+    logging.warning("checkpoint of step %d is damaged (%s): moved to %s; %s", step, reason,
+                    self.workdir / "damaged", f"falling back to step {older[-1]}"
+                    if older else "no older checkpoint: starting from step 0")
+    if jax.process_index() == 0:
+      target = self.workdir / "damaged" / f"checkpoint-{step}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      (self.latest.directory / str(step)).rename(target)
+    self.latest.reload()
+
+  def wait(self) -> None:
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
 
   def close(self) -> None:
     for manager in (self.latest, self.best):

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lib import errors
+
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -67,7 +69,8 @@ class Dataset:
 def holdout_random(split: Split, size: int, seed: int) -> tuple[Split, Split]:
   """(train, validation): `size` examples drawn at random (seeded) for validation."""
   if not 0 < size < len(split):
-    raise ValueError(f"validation_size must be in (0, {len(split)}), got {size}.")
+    raise errors.UserError(f"validation_size must be in (0, {len(split)}) for a training "
+                           f"set of {len(split)} images, got {size}.")
   order = np.random.default_rng(seed).permutation(len(split))
   val, train = np.sort(order[:size]), np.sort(order[size:])
   return take(split, train), take(split, val)
@@ -80,7 +83,7 @@ def holdout_per_class(split: Split, per_class: int, seed: int) -> tuple[Split, S
   for c in np.unique(split.labels):
     members = np.flatnonzero(split.labels == c)
     if len(members) <= per_class:
-      raise ValueError(f"class {c} has {len(members)} examples, cannot hold out "
+      raise errors.UserError(f"class {c} has {len(members)} examples, cannot hold out "
                        f"{per_class} for validation.")
     val.append(rng.choice(members, per_class, replace=False))
   val = np.sort(np.concatenate(val))
@@ -141,7 +144,7 @@ def load(name: str, data_dir: Optional[str] = None, seed: int = 0,
                   False if augment is None else augment)
   if name == "folder":
     if not data_dir:
-      raise ValueError("dataset 'folder' needs data_dir=ROOT holding ROOT/train/<class>/"
+      raise errors.UserError("dataset 'folder' needs data_dir=ROOT holding ROOT/train/<class>/"
                        "*.jpg|png (and optionally ROOT/test/<class>/...).")
     train_full, test, classes = load_image_folder(data_dir)
     train, val = holdout_random(train_full, validation_size, seed)
@@ -153,7 +156,8 @@ def load(name: str, data_dir: Optional[str] = None, seed: int = 0,
                                 validation_size, seed)
     test = Split(full.images[3000:], full.labels[3000:])
     return finish("synthetic", train, val, test, 10, True if augment is None else augment)
-  raise ValueError(f"unknown dataset {name!r}; choose one of {TFDS_NAMES + ('folder', 'synthetic')}.")
+  raise errors.UserError(
+      f"unknown dataset {name!r}; choose one of {TFDS_NAMES + ('folder', 'synthetic')}.")
 
 
 def _tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
@@ -161,7 +165,7 @@ def _tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise errors.UserError(
         f"loading {name} from TFDS needs tensorflow-datasets and TensorFlow ({e}). "
         "Install them with: pip install tensorflow-datasets tensorflow-cpu") from e
   tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
@@ -181,40 +185,83 @@ def load_image_folder(root: str) -> tuple[Split, Optional[Split], list[str]]:
   root_path = pathlib.Path(root)
   train_dir = root_path / "train"
   if not train_dir.is_dir():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"image folder {root!r} has no train/ directory: expected "
         f"{root}/train/<class>/*.jpg|png (and optionally {root}/test/<class>/...).")
   classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
   if not classes:
-    raise FileNotFoundError(f"{train_dir} holds no class directories.")
+    raise errors.MissingFileError(f"{train_dir} holds no class directories.")
   train = _read_class_dirs(train_dir, classes)
   test_dir = root_path / "test"
-  test = _read_class_dirs(test_dir, classes) if test_dir.is_dir() else None
+  test = None
+  if test_dir.is_dir():
+    unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if unknown:
+      raise errors.UserError(
+          f"{test_dir} has class folders that {train_dir} lacks: {unknown}. Test classes "
+          f"must be training classes ({classes}); rename or remove them.")
+    present = [c for c in classes if (test_dir / c).is_dir()]
+    test = _read_class_dirs(test_dir, classes, present)
   return train, test, classes
 
 
-def _read_class_dirs(directory: pathlib.Path, classes: Sequence[str]) -> Split:
+def _read_class_dirs(directory: pathlib.Path, classes: Sequence[str],
+                     present: Sequence[str] | None = None) -> Split:
+  """The images of `directory/<class>/` for each class in `present` (default: all, and
+  every one must hold images); labels are positions in `classes`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   files, labels = [], []
   for label, name in enumerate(classes):
+    if present is not None and name not in present:
+      continue
     found = sorted(p for p in (directory / name).glob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+      raise errors.UserError(
+          f"class folder {directory / name} holds no .jpg/.png images: add images or "
+          "remove the folder (every folder is a class).")
     files += found
     labels += [label] * len(found)
-  if not files:
-    raise FileNotFoundError(f"no .jpg/.png images under {directory}/<class>/.")
 
   def read(path):
-    with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), np.uint8)
+    try:
+      with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), np.uint8)
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.UserError(f"cannot read image {path}: {e}") from None
 
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
     images = list(pool.map(read, files, chunksize=256))
-  shapes = {im.shape for im in images}
-  if len(shapes) != 1:
-    raise ValueError(f"images under {directory} differ in size ({sorted(shapes)[:3]}...): "
-                     "resize them to one size first.")
+  first = images[0].shape
+  for path, image in zip(files, images):
+    if image.shape != first:
+      raise errors.UserError(
+          f"images under {directory} differ in size: {path} is {image.shape[:2]}, "
+          f"{files[0]} is {first[:2]}. Resize them to one size first.")
   return Split(np.stack(images), np.asarray(labels, np.int32))
+
+
+def check(dataset: Dataset, eval_batch_size: int | None = None) -> None:
+  """Fails before training on data that would fail later: splits whose images differ
+  in shape from the training images, labels outside the classes, empty splits."""
+  shape = dataset.train.images.shape[1:]
+  splits = {"validation": dataset.validation, "test": dataset.test}
+  for name, split in [("train", dataset.train), *splits.items()]:
+    if split is None:
+      continue
+    if len(split) == 0:
+      raise errors.UserError(f"the {name} split of {dataset.name} is empty.")
+    if split.images.shape[1:] != shape:
+      raise errors.UserError(
+          f"{dataset.name}: {name} images are {split.images.shape[1:]}, training images "
+          f"{shape}: every split must have the training image size.")
+    bad = (split.labels < 0) | (split.labels >= dataset.num_classes)
+    if bad.any():
+      raise errors.UserError(
+          f"{dataset.name}: {name} labels {sorted(set(split.labels[bad].tolist()))[:5]} "
+          f"are outside the {dataset.num_classes} classes.")
+  if eval_batch_size is not None and eval_batch_size < 1:
+    raise errors.UserError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
 
 
 def synthetic(num_examples: int = 4000, num_classes: int = 10, size: int = 32,
@@ -243,8 +290,10 @@ def synthetic(num_examples: int = 4000, num_classes: int = 10, size: int = 32,
 
 
 def steps_per_epoch(num_train: int, global_batch: int) -> int:
+  if global_batch < 1:
+    raise errors.UserError(f"batch_size must be >= 1, got {global_batch}.")
   if num_train < global_batch:
-    raise ValueError(f"the training set ({num_train}) is smaller than one batch "
+    raise errors.UserError(f"the training set ({num_train}) is smaller than one batch "
                      f"({global_batch}).")
   return num_train // global_batch
 

@@ -1,248 +1,442 @@
-"""Training and evaluation with the paper's protocol (Huang et al., 2016, Sec. 4).
+"""The training loop of the paper's protocol: train, evaluate, checkpoint, report.
 
-Pure, pmapped steps over all local devices: cross-replica BatchNorm, gradients averaged
-with `pmean`, one gate key per step that is the same on every device (the replicated seed
-key folded with the step), augmentation keys that differ per device. Several steps can run
-in one compiled call (`lax.scan`, "iterations per loop"); metrics accumulate on the
-devices and are read only at log points.
+`train_and_evaluate(config, workdir)` runs one config in one workdir, resuming from the
+workdir's newest good checkpoint. The loop asks one `Plan` what happens after each call
+(log, evaluate, checkpoint, stop); everything else is a function of its own.
+
+What survives faults (each tested):
+- SIGTERM/SIGINT (or a preemption notice on any host): a checkpoint at the next step
+  boundary, then `errors.Preempted` (exit 75); the restart continues bit-identically.
+- A non-finite loss or gradient: `errors.Diverged` (exit 3) naming the first bad step;
+  nothing non-finite is saved as a checkpoint or as `best/`.
+- A damaged checkpoint: reported and set aside; the next older one is used.
+- A restart with different training-relevant settings: refused, naming the fields.
+- A second process on the same workdir: refused, naming the holder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
-import functools
 import json
-import os
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
-import flax
 from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from sdnet import checkpoint as checkpoint_lib
-from sdnet import data as data_lib
+from experiments.lib import checkpoint as checkpoint_lib
+from experiments.lib import data as data_lib
+from experiments.lib import errors
+from experiments.lib import multihost
+from experiments.lib import reporting
+from experiments.lib import steps as steps_lib
+from experiments.lib import workdir as workdir_lib
 from sdnet import models
-from sdnet import reporting
 from sdnet import survival as survival_lib
 
-AXIS = "batch"
-GATE_STREAM, AUGMENT_STREAM = 0, 1
+
+# ------------------------------------------------------------------------------ plan
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
+@dataclasses.dataclass(frozen=True)
+class Events:
+  log: bool
+  evaluate: bool
+  checkpoint: bool
+  stop: bool
+
+  def __bool__(self) -> bool:
+    return self.log or self.evaluate or self.checkpoint or self.stop
 
 
-# ------------------------------------------------------------------- model, optimiser
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                axis_name: Optional[str] = AXIS) -> models.ResNet:
-  """The configured ResNet (validates depth and survival settings)."""
-  kwargs = dict(
-      num_classes=num_classes, p_last=config.survival.p_last,
-      survival_rule=config.survival.rule, skip=config.skip,
-      scaling=config.survival.scaling, dtype=jnp.dtype(config.dtype),
-      axis_name=axis_name, remat=config.remat)
-  if config.model.family == "cifar":
-    return models.CifarResNet(config.model.depth, **kwargs)
-  if config.model.family == "imagenet":
-    return models.ImageNetResNet(config.model.depth, **kwargs)
-  raise ValueError(f"unknown model family {config.model.family!r}; use 'cifar' or 'imagenet'.")
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """The paper's piecewise-constant schedule.
-
-  lr = base_lr * drop^k after the k-th boundary (boundaries at fractions of the run:
-  CIFAR 250/500 and 375/500 epochs, SVHN 30/50 and 35/50); with a warm-up (ResNet-1202)
-  lr = warmup_lr for the first warmup_epochs.
-  """
-  total = total_steps(config, steps_per_epoch)
-  scales = {}
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  init = config.learning_rate
-  if warmup > 0:
-    init = config.warmup_learning_rate
-    scales[warmup] = config.learning_rate / config.warmup_learning_rate
-  for fraction in config.lr_drop_fractions:
-    boundary = int(round(fraction * total))
-    scales[boundary] = scales.get(boundary, 1.0) * config.lr_drop_factor
-  return optax.piecewise_constant_schedule(init, scales)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
-  """Coupled L2 (added to the gradient before momentum) + Nesterov SGD, as Torch's SGD."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  return int(round(config.epochs * steps_per_epoch))
-
-
-def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32))
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-
-
-# ------------------------------------------------------------------------ pure steps
-
-
-def cross_entropy(logits, labels):
-  """Softmax cross-entropy per example."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed_key,
-               mean_image, std, augment: bool, axis_name: Optional[str] = AXIS):
-  """One SGD step on this device's share of the global batch.
-
-  The gate key depends only on (seed, step): identical on every device, as the paper's
-  one-mask-per-mini-batch and cross-replica BatchNorm require.
-  """
-  gate_key = jax.random.fold_in(jax.random.fold_in(seed_key, GATE_STREAM), state.step)
-  images = data_lib.normalise(batch["images"], mean_image, std)
-  if augment:
-    device = jax.lax.axis_index(axis_name) if axis_name else 0
-    aug_key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
-    images = data_lib.augment(aug_key, images)
-
-  def loss_fn(params):
-    logits, new_state = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        key=gate_key, mutable=["batch_stats"])
-    losses = cross_entropy(logits, batch["labels"])
-    return jnp.mean(losses), (logits, losses, new_state["batch_stats"])
-
-  grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  if axis_name:
-    grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state)
-  step_metrics = {
-      "loss_sum": jnp.sum(losses),
-      "correct": jnp.sum(jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32),
-      "count": jnp.asarray(losses.shape[0], jnp.float32)}
-  if axis_name:
-    step_metrics = jax.lax.psum(step_metrics, axis_name)
-  return new_state, jax.tree.map(jnp.add, metrics, step_metrics)
-
-
-def train_steps(state, batches, metrics, **kwargs):
-  """`train_step` over the leading (steps) axis of `batches`, in one compiled call."""
-  if jax.default_backend() == "cpu":
-    # XLA:CPU runs convolutions inside any loop ~20x slower: trace the steps one by one.
-    for i in range(jax.tree.leaves(batches)[0].shape[0]):
-      state, metrics = train_step(state, jax.tree.map(lambda a: a[i], batches), metrics,
-                                  **kwargs)
-    return state, metrics
-
-  def body(carry, batch):
-    return train_step(carry[0], batch, carry[1], **kwargs), None
-  (state, metrics), _ = jax.lax.scan(body, (state, metrics), batches)
-  return state, metrics
-
-
-def empty_metrics():
-  return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-          "count": jnp.zeros((), jnp.float32)}
-
-
-def eval_step(state: TrainState, batch: dict, *, model, mean_image, std,
-              axis_name: Optional[str] = AXIS):
-  """Summed loss, correct predictions and count of one padded evaluation batch."""
-  images = data_lib.normalise(batch["images"], mean_image, std)
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                       train=False)
-  mask = batch["mask"]
-  sums = {"loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask),
-          "count": jnp.sum(mask)}
-  return jax.lax.psum(sums, axis_name) if axis_name else sums
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Plan:
-  """Step counts of a run and the steps at which something happens."""
+  """The steps of a run and what happens after each: the loop's only schedule.
+
+  `stop_step` is where this process stops (the end of training, or `halt_after_steps`);
+  evaluations follow the schedule of the whole run, so a run halted and resumed
+  evaluates at exactly the steps an uninterrupted one does.
+  """
   steps_per_epoch: int
   total_steps: int
+  stop_step: int
   eval_every: int
   log_every: int
   checkpoint_every: int
   steps_per_call: int
 
-  def is_event(self, step: int) -> bool:
-    return (step % self.eval_every == 0 or step % self.log_every == 0 or
-            step % self.checkpoint_every == 0 or step == self.total_steps)
+  def events(self, step: int) -> Events:
+    stop = step == self.stop_step
+    return Events(log=step % self.log_every == 0 or step % self.steps_per_epoch == 0 or stop,
+                  evaluate=step % self.eval_every == 0 or step == self.total_steps,
+                  checkpoint=step % self.checkpoint_every == 0 or stop, stop=stop)
 
-  def chunks(self, start: int, stop: int) -> list[int]:
-    """Call lengths from `start` to `stop` (<= steps_per_call, never across an event)."""
+  def chunks(self, start: int) -> list[int]:
+    """Steps per call from `start` to `stop_step`: at most steps_per_call, and a call
+    never runs across a step with an event."""
     out, step = [], start
-    while step < stop:
+    while step < self.stop_step:
       length = 1
-      while length < self.steps_per_call and step + length < stop and not self.is_event(
-          step + length):
+      while (length < self.steps_per_call and step + length < self.stop_step
+             and not self.events(step + length)):
         length += 1
       out.append(length)
       step += length
     return out
 
+  @property
+  def finished(self) -> bool:
+    return self.stop_step == self.total_steps
 
-def make_plan(config, num_train: int) -> Plan:
+
+def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
   per_epoch = data_lib.steps_per_epoch(num_train, config.batch_size)
-  total = total_steps(config, per_epoch)
+  total = steps_lib.total_steps(config, per_epoch)
   eval_every = config.eval_every_steps or per_epoch
-  return Plan(per_epoch, total, eval_every, config.log_every_steps or per_epoch,
+  stop = min(total, config.halt_after_steps) if config.halt_after_steps else total
+  return Plan(per_epoch, total, stop, eval_every, config.log_every_steps or per_epoch,
               config.checkpoint_every_steps or eval_every, max(1, config.steps_per_call))
+
+
+# -------------------------------------------------------------------- checks up front
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails before anything long starts on settings that cannot work."""
-  devices = jax.device_count()
-  if config.batch_size % devices:
-    raise ValueError(
-        f"batch_size {config.batch_size} does not split over {devices} devices: choose a "
-        f"multiple of {devices} (e.g. --config.batch_size={devices * max(1, config.batch_size // devices)}).")
-  if config.eval_batch_size % devices:
-    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the "
-                     f"{devices} devices.")
+  devices, processes = jax.device_count(), jax.process_count()
+  for name in ("batch_size", "eval_batch_size"):
+    value = config[name]
+    if not isinstance(value, int) or value < 1:
+      raise errors.UserError(f"{name} must be a positive integer, got {value!r}.")
+    if value % devices:
+      raise errors.UserError(
+          f"{name} {value} does not split over {devices} devices: choose a multiple of "
+          f"{devices} (e.g. --config.{name}={devices * max(1, value // devices)}).")
   if config.epochs <= 0:
-    raise ValueError(f"epochs must be positive, got {config.epochs}.")
+    raise errors.UserError(f"epochs must be positive, got {config.epochs}.")
   if any(not 0 < f < 1 for f in config.lr_drop_fractions):
-    raise ValueError(f"lr_drop_fractions must lie in (0, 1), got {config.lr_drop_fractions}.")
+    raise errors.UserError(
+        f"lr_drop_fractions must lie in (0, 1), got {config.lr_drop_fractions}.")
   if config.dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
+    raise errors.UserError(
+        f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
+  for name in ("eval_every_steps", "log_every_steps", "checkpoint_every_steps",
+               "halt_after_steps", "steps_per_call"):
+    if config[name] < 0:
+      raise errors.UserError(f"{name} must be >= 0, got {config[name]}.")
+  del processes
 
 
-def evaluate(p_eval, state, split, config) -> dict:
+def build_model(config, num_classes: int, axis_name: str | None = steps_lib.AXIS):
+  try:
+    return steps_lib.build_model(config, num_classes, axis_name)
+  except ValueError as e:
+    raise errors.UserError(f"model: {e}") from None
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  dataset = data_lib.load(config.dataset, config.data_dir or None, seed=config.seed,
+                          validation_size=config.validation_size, augment=config.augment)
+  data_lib.check(dataset)
+  return dataset
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def evaluate(p_eval, state, split: data_lib.Split, config) -> dict:
+  """Loss and error of the replicated `state` on `split` (every example once)."""
   totals = None
   for batch in data_lib.eval_batches(split, config.eval_batch_size, jax.local_device_count(),
                                      jax.process_index(), jax.process_count()):
     sums = p_eval(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(jax_utils.unreplicate(totals))
-  return {"error": 1.0 - totals["correct"] / totals["count"],
-          "loss": totals["loss_sum"] / totals["count"]}
+  return steps_lib.summarize(jax.device_get(jax_utils.unreplicate(totals)))
+
+
+def evaluate_and_track_best(p_eval, state, dataset, config, best: dict, step: int
+                            ) -> tuple[dict, bool]:
+  """Validation (and test) metrics at `step`, and whether validation error improved.
+
+  `best` holds the best validation error so far, its step and the test error there
+  (the paper's reported number); it is updated in place.
+  """
+  val = evaluate(p_eval, state, dataset.validation, config)
+  record = {"validation/error": val["error"], "validation/loss": val["loss"]}
+  improved = best["validation_error"] is None or val["error"] < best["validation_error"]
+  test = None
+  if dataset.test is not None and (config.test_every_eval or improved):
+    test = evaluate(p_eval, state, dataset.test, config)
+    record.update({"test/error": test["error"], "test/loss": test["loss"]})
+  if improved:
+    best.update(validation_error=val["error"], step=int(step),
+                test_error=None if test is None else test["error"])
+  logging.info("step %d: validation error %s (best %s at step %d)%s", step,
+               reporting.percent(val["error"]), reporting.percent(best["validation_error"]),
+               best["step"], "" if test is None else
+               f", test error {reporting.percent(test['error'])}")
+  return record, improved
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+class Stopwatch:
+  """Splits a run's wall time into train steps, evaluation, checkpoints and compiling.
+
+  Train time is the time between the end of one event's work and the host sync of the
+  next event, so it holds train steps (and the input pipeline feeding them) only.
+  Totals carry over from the checkpoint a run resumes from.
+  """
+
+  def __init__(self, totals: dict | None = None, clock: Callable[[], float] = time.perf_counter):
+    self.clock = clock
+    self.totals = {"train_s": 0.0, "train_steps": 0, "evaluate_s": 0.0, "checkpoint_s": 0.0,
+                   "compile_s": 0.0, "wall_s": 0.0, **(totals or {})}
+    self._segment_start = self._mark = clock()
+    self._wall_at_start = self.totals["wall_s"]
+    self.window_s, self.window_steps = 0.0, 0
+
+  def restart_train_clock(self) -> None:
+    self._mark = self.clock()
+
+  def end_train(self, steps: int) -> None:
+    """Books the time since the last mark as `steps` train steps (after a host sync)."""
+    elapsed = self.clock() - self._mark
+    self.totals["train_s"] += elapsed
+    self.totals["train_steps"] += steps
+    self.window_s += elapsed
+    self.window_steps += steps
+    self._mark = self.clock()
+
+  def take_window(self) -> tuple[float, int]:
+    window = self.window_s, self.window_steps
+    self.window_s, self.window_steps = 0.0, 0
+    return window
+
+  @contextlib.contextmanager
+  def measure(self, what: str) -> Iterator[None]:
+    start = self.clock()
+    try:
+      yield
+    finally:
+      self.totals[f"{what}_s"] += self.clock() - start
+      self._mark = self.clock()
+
+  def snapshot(self) -> dict:
+    return {**self.totals,
+            "wall_s": self._wall_at_start + self.clock() - self._segment_start}
+
+  def rates(self, batch_size: int, steps_per_epoch: int) -> dict:
+    """Images/s and seconds/epoch of the train steps alone (None before any)."""
+    t, n = self.totals["train_s"], self.totals["train_steps"]
+    if not n or t <= 0:
+      return {"train_images_per_s": None, "seconds_per_epoch": None}
+    return {"train_images_per_s": n * batch_size / t, "seconds_per_epoch": t / n * steps_per_epoch}
+
+
+# ------------------------------------------------------------------------- stopping
+
+
+class StopRequest:
+  """Whether the run should checkpoint and stop now, agreed by every host.
+
+  One process: SIGTERM and SIGINT set a flag (a second signal acts as usual). Several
+  processes: JAX's preemption service catches SIGTERM on any host and orbax's
+  `reached_preemption(step)` answers the same on all of them, so they all save one step.
+  """
+
+  def __init__(self, checkpoints: checkpoint_lib.Checkpoints):
+    self._checkpoints = checkpoints
+    self._signal: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self._signal = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the next step boundary "
+                    "(send it again to stop at once).", self._signal)
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(self._checkpoints.latest.reached_preemption(step))
+    return self._signal is not None
+
+
+# ----------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+  """What `train_and_evaluate` produced: the results written and the final state."""
+  results: dict
+  state: Any
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: data_lib.Dataset | None = None, *,
+                       allow_config_change: bool = False,
+                       clock: Callable[[], float] = time.perf_counter) -> Run:
+  """Trains `config` in `workdir`, resuming from its newest good checkpoint.
+
+  Raises `errors.UserError` for problems the user can fix (before training starts),
+  `errors.Preempted` after saving a checkpoint on request, `errors.Diverged` when the
+  loss or gradients become non-finite.
+  """
+  check_config(config)
+  path = workdir_lib.resolve(workdir)
+  lock = workdir_lib.Lock(path)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _train_and_evaluate(config, path, dataset, allow_config_change, clock)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Run:
+  dataset = dataset if dataset is not None else load_dataset(config)
+  data_lib.check(dataset, config.eval_batch_size)
+  logging.info("data: %s", dataset.describe())
+  if dataset.test is None:
+    logging.warning("no test split: reporting validation error only.")
+  model = build_model(config, dataset.num_classes)
+  plan = make_plan(config, len(dataset.train))
+  schedule = steps_lib.learning_rate_schedule(config, plan.steps_per_epoch)
+  tx = steps_lib.make_optimizer(config, schedule)
+  probs = model.survival_probs()
+  logging.info("model: %s-%d, %d blocks, expected depth %.2f, skip=%s; %d steps "
+               "(%d/epoch)", config.model.family, config.model.depth, model.num_blocks,
+               survival_lib.expected_depth(probs), model.stage_skip(), plan.total_steps,
+               plan.steps_per_epoch)
+
+  checkpoints = checkpoint_lib.Checkpoints(path)
+  state = jax.device_get(steps_lib.create_train_state(
+      model, tx, dataset.train.images.shape[1:], config.seed))
+  record = new_record(config)
+  restored = resume(checkpoints, state, config, allow_config_change)
+  start_step = multihost.agree_on_start_step(restored[0] if restored else 0)
+  if restored:
+    _, state, record = restored
+    logging.info("resumed from step %d", start_step)
+    if start_step >= plan.stop_step:
+      return already_done(path, checkpoints, state, record, start_step)
+  watch = Stopwatch(record["timing"], clock)
+  reporter = reporting.Reporter(path, enabled=jax.process_index() == 0, start_step=start_step)
+  if jax.process_index() == 0:
+    workdir_lib.write_text_atomic(path / "config.json",
+                                  json.dumps(record["config"], indent=2, sort_keys=True))
+
+  devices = jax.local_device_count()
+  p_train = steps_lib.make_train_step(model, tx, seed=config.seed,
+                                      mean_image=dataset.mean_image, std=dataset.std,
+                                      augment=dataset.augment)
+  p_eval = steps_lib.make_eval_step(build_model(config, dataset.num_classes, None),
+                                    mean_image=dataset.mean_image, std=dataset.std)
+  state = jax_utils.replicate(state)
+  metrics = jax_utils.replicate(steps_lib.empty_metrics())
+  chunks = plan.chunks(start_step)
+  with watch.measure("compile"):
+    compiled = compile_train_steps(p_train, state, metrics, set(chunks), dataset, config)
+    if jax.process_count() == 1:  # else compiled on first call (see compile_train_steps)
+      p_eval = steps_lib.compile_ahead(p_eval, state, next(data_lib.eval_batches(
+          dataset.validation, config.eval_batch_size, devices, jax.process_index(),
+          jax.process_count())))[0]
+  logging.info("compiled in %.1f s", watch.totals["compile_s"])
+
+  pipeline_rate = pipeline_images_per_s(dataset, config, devices)
+  logging.info("input pipeline alone: %.0f images/s", pipeline_rate)
+  batches = jax_utils.prefetch_to_device(data_lib.train_batches(
+      dataset.train, config.seed, config.batch_size, start_step, chunks, devices,
+      jax.process_index(), jax.process_count()), 2)
+  step, synced_step = start_step, start_step
+  watch.restart_train_clock()
+  with StopRequest(checkpoints) as stop_requested:
+    for length, batch in zip(chunks, batches):
+      state, metrics = compiled[length](state, batch, metrics)
+      step += length
+      events, stopping = plan.events(step), stop_requested(step)
+      if not (events or stopping):
+        continue
+      totals = jax.device_get(jax_utils.unreplicate(metrics))  # the one sync per event
+      watch.end_train(step - synced_step)
+      synced_step = step
+      check_finite(totals, step, path, reporter, record, watch)
+      if events.log:
+        log_window(reporter, watch, totals, plan, schedule, step, config.batch_size)
+        metrics = jax_utils.replicate(steps_lib.empty_metrics())
+      if events.evaluate:
+        with watch.measure("evaluate"):
+          evaluation, improved = evaluate_and_track_best(p_eval, state, dataset, config,
+                                                         record["best"], step)
+          reporter.write(step, {**evaluation, "epoch": step / plan.steps_per_epoch})
+        if improved:
+          with watch.measure("checkpoint"):
+            save(checkpoints, state, record, watch, step, best=True)
+      if events.checkpoint or stopping:
+        with watch.measure("checkpoint"):
+          save(checkpoints, state, record, watch, step)
+        reporter.flush()
+      if stopping and not events.stop:
+        checkpoints.close()
+        reporter.close()
+        raise errors.Preempted(step)
+
+  final = {}
+  if plan.finished:
+    with watch.measure("evaluate"):
+      final["final_validation_error"] = evaluate(p_eval, state, dataset.validation,
+                                                 config)["error"]
+      if dataset.test is not None:
+        final["final_test_error"] = evaluate(p_eval, state, dataset.test, config)["error"]
+  final_state = jax.device_get(jax_utils.unreplicate(state))
+  results = {**final_results(record, plan, step, watch, dataset, model, final_state, config),
+             **final, "pipeline_images_per_s": pipeline_rate}
+  reporter.results(results)
+  reporter.close()
+  checkpoints.close()
+  logging.info("%s", summary_line(results))
+  return Run(results, final_state)
+
+
+def compile_train_steps(p_train, state, metrics, lengths, dataset, config) -> dict:
+  """The train step compiled ahead of time for every call length the plan uses.
+
+  On several processes JAX's pmap cannot run an ahead-of-time compiled step on this
+  process's (host-local) arrays: there each length maps to the pmapped step itself,
+  which compiles on its first call (its compile time is then booked as train time).
+  """
+  if jax.process_count() > 1:
+    return {length: p_train for length in lengths}
+  devices = jax.local_device_count()
+  per_device = config.batch_size // jax.process_count() // devices
+  image_shape = dataset.train.images.shape[1:]
+  compiled = {}
+  for length in sorted(lengths):
+    shape = (devices, length, per_device)
+    batch = {"images": jax.ShapeDtypeStruct(shape + image_shape, np.uint8),
+             "labels": jax.ShapeDtypeStruct(shape, np.int32)}
+    compiled[length] = steps_lib.compile_ahead(p_train, state, batch, metrics)[0]
+  return compiled
 
 
 def pipeline_images_per_s(dataset, config, devices: int, repeats: int = 20) -> float:
@@ -256,138 +450,115 @@ def pipeline_images_per_s(dataset, config, devices: int, repeats: int = 20) -> f
   return sum(chunks) * config.batch_size / (time.perf_counter() - start)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[data_lib.Dataset] = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns results."""
-  check_config(config)
-  started = time.time()
-  is_chief = jax.process_index() == 0
-  if dataset is None:
-    dataset = data_lib.load(config.dataset, config.data_dir or None, seed=config.seed,
-                            validation_size=config.validation_size,
-                            augment=None if config.augment is None else config.augment)
-  logging.info("data: %s", dataset.describe())
-  if dataset.test is None:
-    logging.warning("no test split: reporting validation error only.")
-  model = build_model(config, dataset.num_classes)
-  plan = make_plan(config, len(dataset.train))
-  schedule = learning_rate_schedule(config, plan.steps_per_epoch)
-  tx = make_optimizer(config, schedule)
-  probs = model.survival_probs()
-  logging.info("model: %s-%d, %d blocks, expected depth %.2f, skip=%s, %d steps (%d/epoch)",
-               config.model.family, config.model.depth, model.num_blocks,
-               survival_lib.expected_depth(probs), config.skip, plan.total_steps,
-               plan.steps_per_epoch)
+def new_record(config) -> dict:
+  """What a checkpoint carries besides the state: the run's config, best validation
+  result, timing and config changes."""
+  return {"config": workdir_lib.config_dict(config), "seed": config.seed,
+          "best": {"validation_error": None, "step": None, "test_error": None},
+          "timing": {}, "config_changes": []}
 
-  state = create_train_state(model, tx, dataset.train.images.shape[1:], config.seed)
-  state = jax.device_get(state)
-  checkpoints = checkpoint_lib.Checkpoints(workdir)
-  best = {"validation_error": None, "step": None, "test_error": None, "seed": config.seed}
-  start_step = checkpoints.latest_step() or 0
-  if start_step:
-    state, best = checkpoints.restore(start_step, state)
-    if best.get("seed") != config.seed:
-      raise ValueError(f"{workdir} holds a run with seed {best.get('seed')}, not "
-                       f"{config.seed}: use a new --workdir or the same seed.")
-    logging.info("resumed from step %d", start_step)
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
-  seed_key = jax.random.key(config.seed)
-  mean_image, std = jnp.asarray(dataset.mean_image), float(dataset.std)
-  step_kwargs = dict(model=model, tx=tx, seed_key=seed_key, mean_image=mean_image, std=std,
-                     augment=dataset.augment)
-  p_train = jax.pmap(functools.partial(train_steps, **step_kwargs), axis_name=AXIS,
-                     donate_argnums=(0, 2))
-  eval_model = build_model(config, dataset.num_classes, axis_name=None)
-  p_eval = jax.pmap(functools.partial(eval_step, model=eval_model, mean_image=mean_image,
-                                      std=std), axis_name=AXIS)
+def resume(checkpoints, template, config, allow_config_change: bool):
+  """(step, state, record) of the newest good checkpoint, or None to start afresh."""
+  current = workdir_lib.config_dict(config)
+  changes: list = []
 
-  devices = jax.local_device_count()
-  pipeline_rate = pipeline_images_per_s(dataset, config, devices)
-  logging.info("input pipeline alone: %.0f images/s", pipeline_rate)
+  def check_meta(meta: dict) -> None:
+    differences = workdir_lib.config_differences(meta["config"], current)
+    if differences and not allow_config_change:
+      listed = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in differences)
+      raise errors.UserError(
+          f"{checkpoints.workdir} holds a run with other settings ({listed}). Use a new "
+          "--workdir, or pass --allow_config_change to continue this run with the new "
+          "settings (the change is recorded in results.json).")
+    changes[:] = differences
 
-  reporter = reporting.Reporter(workdir, enabled=is_chief)
-  stop_step = plan.total_steps
-  if config.halt_after_steps:
-    stop_step = min(stop_step, config.halt_after_steps)
-  state = jax_utils.replicate(state)
-  metrics = jax_utils.replicate(empty_metrics())
-  chunks = plan.chunks(start_step, stop_step)
-  batches = jax_utils.prefetch_to_device(
-      data_lib.train_batches(dataset.train, config.seed, config.batch_size, start_step,
-                             chunks, devices, jax.process_index(), jax.process_count()), 2)
-  step = start_step
-  window_start, window_steps, train_time, train_steps_timed = time.perf_counter(), 0, 0.0, 0
-  for length, batch in zip(chunks, batches):
-    state, metrics = p_train(state, batch, metrics)
-    step += length
-    window_steps += length
-    if step % plan.log_every == 0 or step == stop_step:
-      totals = jax.device_get(jax_utils.unreplicate(metrics))  # the only sync per window
-      elapsed = time.perf_counter() - window_start
-      rate = window_steps * config.batch_size / elapsed
-      if step - window_steps > start_step:  # the first window holds compilation
-        train_time += elapsed
-        train_steps_timed += window_steps
-      train_loss = totals["loss_sum"] / totals["count"]
-      reporter.progress(step=step, total_steps=plan.total_steps,
-                        steps_per_epoch=plan.steps_per_epoch, loss=train_loss,
-                        accuracy=totals["correct"] / totals["count"],
-                        learning_rate=float(schedule(step - 1)), images_per_s=rate,
-                        seconds_left=(plan.total_steps - step) * elapsed / window_steps)
-      reporter.write(step, {"train/loss": train_loss,
-                            "train/error": 1 - totals["correct"] / totals["count"],
-                            "train/learning_rate": float(schedule(step - 1)),
-                            "train/images_per_s": rate})
-      metrics = jax_utils.replicate(empty_metrics())
-      window_start, window_steps = time.perf_counter(), 0
-    if step % plan.eval_every == 0 or step == plan.total_steps:
-      val = evaluate(p_eval, state, dataset.validation, config)
-      record = {"validation/error": val["error"], "validation/loss": val["loss"],
-                "epoch": step / plan.steps_per_epoch}
-      improved = best["validation_error"] is None or val["error"] < best["validation_error"]
-      if improved:
-        best.update(validation_error=float(val["error"]), step=int(step))
-        if dataset.test is not None:
-          best["test_error"] = float(evaluate(p_eval, state, dataset.test, config)["error"])
-          record["test/error_at_best_validation"] = best["test_error"]
-      reporter.write(step, record)
-      logging.info("step %d: validation error %.4f (best %.4f at step %d)", step,
-                   val["error"], best["validation_error"], best["step"])
-      if improved:
-        checkpoints.save(step, jax.device_get(jax_utils.unreplicate(state)), best, best=True)
-      window_start = time.perf_counter()
-    if step % plan.checkpoint_every == 0 or step == stop_step:
-      checkpoints.save(step, jax.device_get(jax_utils.unreplicate(state)), best)
-      window_start = time.perf_counter()
+  restored = checkpoints.restore_newest_good(template, check_meta)
+  if restored is None:
+    return None
+  step, state, meta = restored
+  record = {**new_record(config), **{k: meta[k] for k in ("best", "timing",
+                                                          "config_changes") if k in meta}}
+  record["config_changes"] = record["config_changes"] + [
+      {"step": step, "field": f, "from": old, "to": new} for f, old, new in changes]
+  return step, state, record
 
-  final_state = jax.device_get(jax_utils.unreplicate(state))
-  results = {"config": json.loads(config.to_json_best_effort()), "seed": config.seed,
-             "dataset": dataset.describe(), "steps": int(step),
-             "epochs": step / plan.steps_per_epoch, "finished": step == plan.total_steps,
-             "wall_time_s": time.time() - started,
-             "train_images_per_s": (train_steps_timed * config.batch_size / train_time
-                                    if train_time else None),
-             "seconds_per_epoch": (train_time / train_steps_timed * plan.steps_per_epoch
-                                   if train_time else None),
-             "pipeline_images_per_s": pipeline_rate,
-             "best_validation_error": best["validation_error"],
-             "best_validation_step": best["step"],
-             "test_error_at_best_validation": best["test_error"],
-             "expected_depth": survival_lib.expected_depth(probs),
-             "num_blocks": model.num_blocks,
-             "parameters": models.count_params(final_state.params)}
-  if step == plan.total_steps:
-    results["final_validation_error"] = float(
-        evaluate(p_eval, state, dataset.validation, config)["error"])
-    if dataset.test is not None:
-      results["final_test_error"] = float(
-          evaluate(p_eval, state, dataset.test, config)["error"])
-  reporter.results(results)
+
+def save(checkpoints, state, record, watch, step: int, best: bool = False) -> None:
+  host_state = jax.device_get(jax_utils.unreplicate(state))
+  if not all(np.all(np.isfinite(a)) for a in jax.tree.leaves(host_state)
+             if np.issubdtype(a.dtype, np.floating)):
+    raise errors.Diverged(step, f"training diverged: the state at step {step} is not "
+                          "finite; it was not saved.")
+  record["timing"] = watch.snapshot()
+  checkpoints.save(step, host_state, record, best=best)
+
+
+def check_finite(totals, step, path, reporter, record, watch) -> None:
+  """Stops the run (`errors.Diverged`) if any step since the last check was non-finite,
+  before anything of it is saved."""
+  bad = int(totals["first_nonfinite_step"])
+  if bad == steps_lib.NO_NONFINITE_STEP:
+    return
+  message = (f"training diverged: the loss or a gradient is not finite at step {bad}. "
+             f"Checkpoints and best/ keep the last finite state; lower the learning rate "
+             "or check the data, then start again in a new workdir.")
+  reporter.results({"diverged": True, "diverged_at_step": bad, "finished": False,
+                    "steps": step, "config": record["config"], "timing": watch.snapshot(),
+                    "best_validation_error": record["best"]["validation_error"]})
   reporter.close()
+  raise errors.Diverged(bad, message)
+
+
+def log_window(reporter, watch, totals, plan, schedule, step, batch_size) -> None:
+  """The progress line and the train metrics of the steps since the last log."""
+  seconds, steps = watch.take_window()
+  window = steps_lib.summarize(totals)
+  rate = steps * batch_size / seconds if seconds > 0 else float("nan")
+  lr = float(schedule(step - 1))
+  remaining = (plan.total_steps - step) * seconds / steps if steps else 0.0
+  logging.info("epoch %.2f/%d  step %d/%d  loss %.4f  train error %s  lr %.4g  %.0f img/s"
+               "  ETA %s", step / plan.steps_per_epoch, round(plan.total_steps /
+                                                              plan.steps_per_epoch),
+               step, plan.total_steps, window["loss"], reporting.percent(window["error"]),
+               lr, rate, reporting.format_duration(remaining))
+  reporter.write(step, {"train/loss": window["loss"], "train/error": window["error"],
+                        "train/learning_rate": lr, "train/images_per_s": rate,
+                        "train/first_block_grad_abs": window["first_block_grad_abs"],
+                        "train/steps": steps,
+                        "epoch": step / plan.steps_per_epoch})
+
+
+def final_results(record, plan, step, watch, dataset, model, final_state, config) -> dict:
+  timing = watch.snapshot()
+  best = record["best"]
+  return {"config": record["config"], "seed": config.seed, "dataset": dataset.describe(),
+          "steps": int(step), "epochs": step / plan.steps_per_epoch,
+          "steps_per_epoch": plan.steps_per_epoch, "finished": plan.finished,
+          "timing": timing, "wall_time_s": timing["wall_s"],
+          **watch.rates(config.batch_size, plan.steps_per_epoch),
+          "best_validation_error": best["validation_error"],
+          "best_validation_step": best["step"],
+          "test_error_at_best_validation": best["test_error"],
+          "survival_probs": [float(p) for p in model.survival_probs()],
+          "expected_depth": survival_lib.expected_depth(model.survival_probs()),
+          "num_blocks": model.num_blocks,
+          "parameters": models.count_params(final_state.params),
+          "config_changes": record["config_changes"]}
+
+
+def already_done(path, checkpoints, state, record, step) -> Run:
+  """A restart of a run that already reached its stop step: nothing to train, nothing
+  rewritten; the results are those written when it got there."""
   checkpoints.close()
-  results["state"] = final_state
-  return results
+  results_path = path / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.exists() else {
+      "steps": step, "timing": record["timing"]}
+  logging.info("%s already reached step %d: nothing to do.", path, step)
+  return Run(results, state)
+
+
+def summary_line(results: dict) -> str:
+  return (f"best validation error {reporting.percent(results['best_validation_error'])} "
+          f"at step {results['best_validation_step']}; test error there "
+          f"{reporting.percent(results['test_error_at_best_validation'])}")

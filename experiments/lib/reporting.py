@@ -1,13 +1,44 @@
-"""Progress lines, metrics.jsonl, TensorBoard event files and results.json."""
+"""What a run tells: progress lines, metrics.jsonl, TensorBoard events, results.json.
+
+Only process 0 writes files. metrics.jsonl is rewritten whole (atomically) at each flush,
+which works on object stores too and never interleaves two writers; records of steps
+after the checkpoint a run resumes from are dropped, so a resumed run's file reads as
+if never interrupted.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
+import logging as std_logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any
 
 from absl import logging
+from etils import epath
+
+from experiments.lib import workdir as workdir_lib
+
+_OUR_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class OnlyOurInfo(std_logging.Filter):
+  """Keeps this project's log lines and every library's warnings and errors; drops the
+  libraries' INFO chatter (orbax's temporary directories, barriers, ...)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(_OUR_CODE))
+
+
+def quiet_libraries(enabled: bool = True) -> None:
+  """Silences other libraries' INFO logging on absl's handler (or restores it)."""
+  handler = logging.get_absl_handler()
+  for f in [f for f in handler.filters if isinstance(f, OnlyOurInfo)]:
+    handler.removeFilter(f)
+  if enabled:
+    handler.addFilter(OnlyOurInfo())
 
 
 def format_duration(seconds: float) -> str:
@@ -16,46 +47,51 @@ def format_duration(seconds: float) -> str:
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def percent(fraction: float | None) -> str:
+  return "-" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 class Reporter:
   """Writes every metric to metrics.jsonl and TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: epath.Path, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self.workdir = workdir
+    self._records: list[str] = []
     self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if not enabled:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+      self._records = [line for line in path.read_text().splitlines()
+                       if line.strip() and json.loads(line)["step"] <= start_step]
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"),
+                             purge_step=start_step or None)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    record = {"step": int(step), "time": time.time(),
+              **{k: float(v) for k, v in metrics.items()}}
+    self._records.append(json.dumps(record))
     for name, value in metrics.items():
       self._tb.add_scalar(name, float(value), int(step))
-    self._tb.flush()
 
-  def progress(self, *, step: int, total_steps: int, steps_per_epoch: int, loss: float,
-               accuracy: float, learning_rate: float, images_per_s: float,
-               seconds_left: float) -> None:
-    logging.info(
-        "epoch %.2f/%d  step %d/%d  loss %.4f  train acc %.4f  lr %.4g  %.0f img/s  ETA %s",
-        step / steps_per_epoch, round(total_steps / steps_per_epoch), step, total_steps,
-        loss, accuracy, learning_rate, images_per_s, format_duration(seconds_left))
-
-  def results(self, results: Mapping[str, Any]) -> None:
+  def flush(self) -> None:
     if not self.enabled:
       return
-    path = os.path.join(self.workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_text_atomic(self.workdir / "metrics.jsonl",
+                                  "".join(r + "\n" for r in self._records))
+    self._tb.flush()
+
+  def results(self, results: Mapping[str, Any]) -> None:
+    if self.enabled:
+      workdir_lib.write_text_atomic(self.workdir / "results.json",
+                                    json.dumps(results, indent=2, sort_keys=True))
 
   def close(self) -> None:
     if self.enabled:
+      self.flush()
       self._tb.close()
-      self._jsonl.close()

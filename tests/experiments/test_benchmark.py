@@ -1,11 +1,12 @@
+"""The benchmark times the training loop's own step."""
 import json
 
-from absl.testing import flagsaver
 from absl import flags
-
+from absl.testing import flagsaver
 import pytest
 
 from benchmarks import train_step
+from experiments.lib import steps
 
 
 def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
@@ -76,3 +77,25 @@ def test_suite_rejects_an_unknown_setting_before_running_anything():
   with flagsaver.flagsaver(settings=["x20", "fast"]):
     with pytest.raises(app.UsageError, match="unknown settings \\['fast'\\]"):
       suite.main([])
+
+
+def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_path,
+                                                                            monkeypatch):
+  from experiments.lib import loop
+  from tests.experiments.test_training import tiny_config, tiny_dataset
+  built = []
+  original = steps.make_train_step
+
+  def recording_builder(*args, **kwargs):
+    built.append(kwargs["augment"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(steps, "make_train_step", recording_builder)
+  flags.FLAGS(["benchmark"], known_only=True)
+  with flagsaver.flagsaver(small=True, out="", repeats=1, calls=1, skips=["mask"],
+                           compile_only=True):
+    train_step.main([])
+  assert len(built) == 2  # constant depth and SD mask
+  loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
+                          dataset=tiny_dataset())
+  assert len(built) == 3

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from experiments.configs import default
-from sdnet import data as data_lib
-from sdnet import train
+from experiments.lib import data as data_lib
+from experiments.lib import loop
+from experiments.lib import steps
 from tests import helpers
 
 CONFIGS = ["cifar10_sd", "cifar10_constant", "cifar100_sd", "cifar100_constant", "svhn_sd",
@@ -47,7 +48,7 @@ def tiny_dataset(n=48, seed=0):
 def test_paper_schedule_boundaries():
   config = default.get_config()  # 500 epochs, drops after epochs 250 and 375
   spe = 351
-  lr = train.learning_rate_schedule(config, spe)
+  lr = steps.learning_rate_schedule(config, spe)
   assert float(lr(0)) == pytest.approx(0.1)
   assert float(lr(250 * spe - 1)) == pytest.approx(0.1)
   assert float(lr(250 * spe)) == pytest.approx(0.01)
@@ -58,11 +59,11 @@ def test_paper_schedule_boundaries():
 
 def test_resnet1202_warmup_and_svhn_schedule():
   config = importlib.import_module("experiments.configs.cifar10_resnet1202_sd").get_config()
-  lr = train.learning_rate_schedule(config, 100)
+  lr = steps.learning_rate_schedule(config, 100)
   assert [float(lr(s)) for s in (0, 999, 1000, 14999, 15000, 22500)] == pytest.approx(
       [0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
   svhn = importlib.import_module("experiments.configs.svhn_sd").get_config()
-  lr = train.learning_rate_schedule(svhn, 100)  # 50 epochs: drops after 30 and 35
+  lr = steps.learning_rate_schedule(svhn, 100)  # 50 epochs: drops after 30 and 35
   assert [float(lr(s)) for s in (2999, 3000, 3499, 3500)] == pytest.approx(
       [0.1, 0.01, 0.01, 0.001])
 
@@ -70,7 +71,7 @@ def test_resnet1202_warmup_and_svhn_schedule():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_its_model(name):
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
-  model = train.build_model(config, 10)
+  model = steps.build_model(config, 10)
   assert model.num_blocks == 3 * (config.model.depth - 2) // 6
   assert (model.survival_probs()[-1] == 1.0) == name.endswith("constant")
 
@@ -146,7 +147,7 @@ def test_end_to_end_on_an_image_folder_with_4_devices(tmp_path):
   write_image_folder(tmp_path / "data")
   config = tiny_config(dataset="folder", data_dir=str(tmp_path / "data"), epochs=2,
                        validation_size=4)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  run = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert jax.device_count() == 4
   saved = json.loads((tmp_path / "run" / "results.json").read_text())
   assert saved["steps"] == 2 * (32 // 8) and saved["finished"]
@@ -158,7 +159,7 @@ def test_end_to_end_on_an_image_folder_with_4_devices(tmp_path):
   assert any("validation/error" in l for l in lines) and any("train/loss" in l for l in lines)
   assert os.listdir(tmp_path / "run" / "tensorboard")
   assert os.listdir(tmp_path / "run" / "best")
-  assert results["state"].step == 8
+  assert run.state.step == 8 and run.results == saved
 
 
 def test_image_folder_errors_name_the_layout(tmp_path):
@@ -178,30 +179,30 @@ def test_tfds_path_on_mock_data(tmp_path):
   assert dataset.train.images.shape == (32, 32, 32, 3) and dataset.train.images.dtype == np.uint8
   assert len(dataset.validation) == 8 and dataset.test is not None
   assert dataset.num_classes == 10 and dataset.augment
-  results = train.train_and_evaluate(tiny_config(halt_after_steps=2), str(tmp_path),
-                                     dataset=dataset)
-  assert results["steps"] == 2
+  run = loop.train_and_evaluate(tiny_config(halt_after_steps=2), str(tmp_path),
+                                 dataset=dataset)
+  assert run.results["steps"] == 2
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
   dataset = tiny_dataset()
   config = tiny_config(epochs=2, steps_per_call=2, log_every_steps=3)  # 5 steps/epoch
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"), dataset=dataset)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), dataset=dataset)
   config.halt_after_steps = 4
-  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
-  assert first["steps"] == 4 and not first["finished"]
+  first = loop.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
+  assert first.results["steps"] == 4 and not first.results["finished"]
   config.halt_after_steps = 0
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
-  assert resumed["steps"] == 10 and resumed["finished"]
-  helpers.assert_trees_close(resumed["state"], straight["state"], rtol=1e-6, atol=1e-6)
-  assert resumed["best_validation_error"] == straight["best_validation_error"]
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=dataset)
+  assert resumed.results["steps"] == 10 and resumed.results["finished"]
+  helpers.assert_trees_close(resumed.state, straight.state, rtol=1e-6, atol=1e-6)
+  assert resumed.results["best_validation_error"] == straight.results["best_validation_error"]
 
 
 def test_bad_configuration_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="does not split over 4 devices"):
-    train.train_and_evaluate(tiny_config(batch_size=10), str(tmp_path), dataset=tiny_dataset())
+    loop.train_and_evaluate(tiny_config(batch_size=10), str(tmp_path), dataset=tiny_dataset())
   with pytest.raises(ValueError, match="6n \\+ 2"):
-    train.train_and_evaluate(tiny_config(**{"model.depth": 9}), str(tmp_path),
+    loop.train_and_evaluate(tiny_config(**{"model.depth": 9}), str(tmp_path),
                              dataset=tiny_dataset())
   with pytest.raises(ValueError, match="unknown dataset"):
     data_lib.load("imagenet")

@@ -1,0 +1,94 @@
+"""Several processes (hosts) of one run: how they start, what they must agree on."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from experiments.lib import errors
+
+
+def agree_on_start_step(step: int) -> int:
+  """`step` if every process found the same checkpoint step; else a UserError naming
+  the processes that differ (e.g. a workdir that is not shared by every host)."""
+  if jax.process_count() == 1:
+    return step
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  steps = np.asarray(multihost_utils.process_allgather(np.int64(step))).reshape(-1)
+  if np.all(steps == steps[0]):
+    return step
+  found = ", ".join(f"process {i}: step {int(s)}" for i, s in enumerate(steps))
+  raise errors.UserError(
+      f"the processes found different checkpoints to resume from ({found}): every host "
+      "must see the same --workdir (a shared filesystem or a gs:// bucket).")
+
+
+
+def _env_int(name: str) -> int:
+  try:
+    return int(os.environ.get(name, ""))
+  except ValueError:
+    return 0
+
+
+def cluster_detected(coordinator_address: str | None = None) -> str | None:
+  """What makes "auto" start the multi-process runtime, or None for a one-process run.
+
+  An explicit coordinator (argument or JAX_COORDINATOR_ADDRESS), a multi-host TPU slice
+  on GKE (TPU_WORKER_HOSTNAMES), a Slurm step of several tasks (srun: the variables JAX
+  reads), or an Open MPI job of several ranks (mpirun). A Cloud TPU VM slice started with
+  gcloud announces itself only through its metadata server: there pass --distributed=yes.
+  """
+  if coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "a coordinator address"
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return "a multi-host TPU slice (TPU_WORKER_HOSTNAMES)"
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+           "SLURM_LOCALID")
+  if all(name in os.environ for name in slurm) and _env_int("SLURM_NTASKS") > 1:
+    return "a Slurm step of several tasks"
+  if _env_int("OMPI_COMM_WORLD_SIZE") > 1:
+    return "an Open MPI job of several ranks"
+  return None
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None, *,
+               heartbeat_timeout_seconds: int = 60,
+               initialization_timeout_seconds: int = 300) -> None:
+  """Starts JAX's multi-process runtime (`jax.distributed.initialize`) if asked.
+
+  mode "yes": always; "no": never; "auto": when `cluster_detected` names a reason. Unset
+  settings are left to JAX, which reads them from the environment or the cluster (Cloud
+  TPU, Slurm, Open MPI, ...).
+
+  Guarantees on return: either this is a run of one process, or the runtime is up, with
+  JAX's preemption service (a SIGTERM on any host reaches every host), CPU collectives
+  over gloo (unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chose another), and failure
+  detection: a process that stops sending heartbeats for `heartbeat_timeout_seconds`
+  (dead, hung, or cut off) makes every other process terminate, as does a process that
+  does not connect within `initialization_timeout_seconds` (JAX ends the process, naming
+  the failed RPC). Missing or inconsistent settings, and a run of several processes
+  without the runtime, give a UserError.
+  """
+  if mode == "yes" or (mode == "auto" and cluster_detected(coordinator_address)):
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+      # Collectives across processes on CPU: JAX's default today, absent in older ones.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+      jax.distributed.initialize(
+          coordinator_address=coordinator_address, num_processes=num_processes,
+          process_id=process_id, initialization_timeout=initialization_timeout_seconds,
+          heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    except (ValueError, TypeError) as e:
+      raise errors.UserError(
+          f"cannot start the multi-process runtime: {e} (give --coordinator_address, "
+          "--num_processes and --process_id, or run under Slurm, Open MPI or Cloud TPU)."
+      ) from None
+  if jax.process_count() > 1 and not jax.distributed.is_initialized():
+    raise errors.UserError(
+        f"this run spans {jax.process_count()} processes but JAX's multi-process runtime "
+        "is not started, so a preemption or a dead host would go unnoticed: pass "
+        "--distributed=yes.")

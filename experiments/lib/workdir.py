@@ -1,0 +1,113 @@
+"""The workdir of a run: its path (local or `gs://`), its lock, its recorded config.
+
+- Paths go through `etils.epath`, as orbax's do, so a workdir may be any filesystem the
+  ecosystem speaks (`gs://bucket/run`, local folders); only local paths are made absolute.
+- One run per workdir: process 0 holds an exclusive `flock` on WORKDIR/lock for the life
+  of the run. The operating system releases it when the process dies, however it dies,
+  so a crash never blocks the next start; a second start is refused, naming the holder.
+  (Object stores such as GCS have no such lock: there the check is not made.)
+- The config of the run is recorded in its checkpoints; `config_differences` says which
+  training-relevant fields a restart would change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from experiments.lib import errors
+
+# Fields that do not change the trained model or its reported numbers: a restart may
+# change them freely.
+UNCHECKED_FIELDS = frozenset({
+    "data_dir", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+    "steps_per_call", "halt_after_steps", "skip", "remat",
+})
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def resolve(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as an `epath.Path`: absolute when local, untouched when a URL."""
+  if not os.fspath(workdir):
+    raise errors.UserError("--workdir is empty: name a directory for the run.")
+  return epath.Path(os.path.abspath(workdir) if is_local(workdir) else os.fspath(workdir))
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+  """Writes `text` to `path` so that readers see the old or the new file, never half."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+class Lock:
+  """An exclusive lock on WORKDIR/lock, held from `acquire` to `release` (or death)."""
+
+  def __init__(self, workdir: epath.Path):
+    self.path = workdir / "lock"
+    self._file = None
+
+  def acquire(self) -> None:
+    if not is_local(self.path):
+      logging.warning("%s is not a local path: one run per workdir is not enforced there.",
+                      self.path.parent)
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(self.path, "a+")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      handle.close()
+      raise errors.WorkdirBusy(
+          f"workdir {self.path.parent} is in use by {holder}: wait for that run to end, "
+          "stop it, or choose another --workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (started {started})\n")
+    handle.flush()
+    self._file = handle
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.seek(0)
+      self._file.truncate()
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(recorded: dict[str, Any], current: dict[str, Any]
+                       ) -> list[tuple[str, Any, Any]]:
+  """(field, recorded value, current value) for every training-relevant field that
+  differs (lists and tuples compare equal when their items do)."""
+  old, new = _flatten(recorded), _flatten(current)
+  normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  return [(field, old.get(field), new.get(field)) for field in sorted(set(old) | set(new))
+          if field not in UNCHECKED_FIELDS and normal(old.get(field)) != normal(new.get(field))]
