@@ -1,0 +1,59 @@
+r"""Writes the paper's figures and tables for training runs, and a REPORT.md showing them.
+
+  python -m experiments.report RUN_DIR [RUN_DIR ...] --out=DIR
+
+Each RUN_DIR is the --workdir of `python -m experiments.cifar` (local or gs://). DIR gets
+REPORT.md and its PNG figures: learning curves (Fig. 3), Table 1 (error beside the
+paper's), Table 2 (training time of every stochastic / constant-depth pair), the
+first-block gradient (Fig. 7), survival probabilities and expected depth, and the p_L
+sweep (Fig. 8, left) when at least 3 runs differ only in p_L or rule. Unfinished runs
+are reported from metrics.jsonl; a directory without metrics.jsonl is skipped.
+Exit status: 0 written, 2 a problem to fix (printed in one line).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+from experiments.lib import errors
+from experiments.lib import figures
+
+FLAGS = flags.FLAGS
+
+
+def report(run_dirs: list[str], out: str) -> int:
+  """Writes OUT/REPORT.md for `run_dirs`; prints its path, or one error line.
+
+  Returns:
+    The exit status: 0 written, 2 a problem to fix.
+  """
+  try:
+    path, warnings = figures.write_report(run_dirs, out)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for warning in warnings:
+    print(f"warning: {warning}", file=sys.stderr)
+  print(path)
+  return 0
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("give at least one RUN_DIR (the --workdir of a training run).")
+  sys.exit(report(argv[1:], FLAGS.out))
+
+
+def define_flags() -> None:
+  """--out, defined only when this module is the program: benchmarks/ define an --out
+  of their own, and a test process may import both."""
+  flags.DEFINE_string("out", None, "Directory (local or gs://) for REPORT.md and figures.")
+  flags.mark_flag_as_required("out")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
