@@ -49,6 +49,7 @@ class Checkpoints:
 
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1)
+    self._closed = False
 
   def steps(self) -> list[int]:
     return sorted(self.latest.all_steps())
@@ -118,6 +119,16 @@ class Checkpoints:
       manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending writes and closes the managers (again: nothing)."""
+    if self._closed:
+      return
+    self._closed = True
     for manager in (self.latest, self.best):
       manager.wait_until_finished()
       manager.close()
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

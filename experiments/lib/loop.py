@@ -307,13 +307,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = workdir_lib.Lock(path)
   if jax.process_index() == 0:
     lock.acquire()
-  try:
-    return _train_and_evaluate(config, path, dataset, allow_config_change, clock)
-  finally:
-    lock.release()
+  # However the run ends, pending checkpoint writes complete before the lock is freed.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(lock.release)
+    return _train_and_evaluate(config, path, dataset, allow_config_change, clock, cleanup)
 
 
-def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Run:
+def _train_and_evaluate(config, path, dataset, allow_config_change, clock, cleanup) -> Run:
   dataset = dataset if dataset is not None else load_dataset(config)
   data_lib.check(dataset, config.eval_batch_size)
   logging.info("data: %s", dataset.describe())
@@ -329,7 +329,7 @@ def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Ru
                survival_lib.expected_depth(probs), model.stage_skip(), plan.total_steps,
                plan.steps_per_epoch)
 
-  checkpoints = checkpoint_lib.Checkpoints(path)
+  checkpoints = cleanup.enter_context(checkpoint_lib.Checkpoints(path))
   state = jax.device_get(steps_lib.create_train_state(
       model, tx, dataset.train.images.shape[1:], config.seed))
   record = new_record(config)
@@ -339,9 +339,10 @@ def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Ru
     _, state, record = restored
     logging.info("resumed from step %d", start_step)
     if start_step >= plan.stop_step:
-      return already_done(path, checkpoints, state, record, start_step)
+      return already_done(path, state, record, start_step)
   watch = Stopwatch(record["timing"], clock)
-  reporter = reporting.Reporter(path, enabled=jax.process_index() == 0, start_step=start_step)
+  reporter = cleanup.enter_context(reporting.Reporter(
+      path, enabled=jax.process_index() == 0, start_step=start_step))
   if jax.process_index() == 0:
     workdir_lib.write_text_atomic(path / "config.json",
                                   json.dumps(record["config"], indent=2, sort_keys=True))
@@ -397,8 +398,6 @@ def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Ru
           save(checkpoints, state, record, watch, step)
         reporter.flush()
       if stopping and not events.stop:
-        checkpoints.close()
-        reporter.close()
         raise errors.Preempted(step)
 
   final = {}
@@ -412,8 +411,6 @@ def _train_and_evaluate(config, path, dataset, allow_config_change, clock) -> Ru
   results = {**final_results(record, plan, step, watch, dataset, model, final_state, config),
              **final, "pipeline_images_per_s": pipeline_rate}
   reporter.results(results)
-  reporter.close()
-  checkpoints.close()
   logging.info("%s", summary_line(results))
   return Run(results, final_state)
 
@@ -506,7 +503,6 @@ def check_finite(totals, step, path, reporter, record, watch) -> None:
   reporter.results({"diverged": True, "diverged_at_step": bad, "finished": False,
                     "steps": step, "config": record["config"], "timing": watch.snapshot(),
                     "best_validation_error": record["best"]["validation_error"]})
-  reporter.close()
   raise errors.Diverged(bad, message)
 
 
@@ -547,10 +543,9 @@ def final_results(record, plan, step, watch, dataset, model, final_state, config
           "config_changes": record["config_changes"]}
 
 
-def already_done(path, checkpoints, state, record, step) -> Run:
+def already_done(path, state, record, step) -> Run:
   """A restart of a run that already reached its stop step: nothing to train, nothing
   rewritten; the results are those written when it got there."""
-  checkpoints.close()
   results_path = path / "results.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {
       "steps": step, "timing": record["timing"]}

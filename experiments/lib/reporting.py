@@ -51,6 +51,26 @@ def percent(fraction: float | None) -> str:
   return "-" if fraction is None else f"{100 * fraction:.2f}%"
 
 
+class _EpathEventFiles:
+  """tensorboardX's writer factory for URL logdirs (gs://, s3://, ...): event files are
+  opened through etils.epath, the layer every other file of the run goes through."""
+
+  def open(self, path: str):
+    return epath.Path(path).open("wb")
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def route_tensorboard_urls_through_epath() -> None:
+  """Makes tensorboardX write gs://, s3:// and az:// logdirs with etils.epath (TensorFlow's
+  gfile or fsspec, as checkpoints and results) instead of its own clients, which need
+  packages this project does not install (google-cloud-storage, boto3)."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  for scheme in ("gs", "s3", "az"):
+    record_writer.register_writer_factory(scheme, _EpathEventFiles())
+
+
 class Reporter:
   """Writes every metric to metrics.jsonl and TensorBoard (process 0 only)."""
 
@@ -67,6 +87,8 @@ class Reporter:
       self._records = [line for line in path.read_text().splitlines()
                        if line.strip() and json.loads(line)["step"] <= start_step]
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    if not workdir_lib.is_local(workdir):
+      route_tensorboard_urls_through_epath()
     self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"),
                              purge_step=start_step or None)
 
@@ -92,6 +114,14 @@ class Reporter:
                                     json.dumps(results, indent=2, sort_keys=True))
 
   def close(self) -> None:
-    if self.enabled:
+    """Flushes and closes the files (again: nothing)."""
+    if self.enabled and self._tb is not None:
       self.flush()
       self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "Reporter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

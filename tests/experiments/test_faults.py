@@ -1,0 +1,273 @@
+"""Faults injected into real runs, and what survives them (issue: reliability)."""
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.lib import checkpoint as checkpoint_lib
+from experiments.lib import data as data_lib
+from experiments.lib import errors
+from experiments.lib import loop
+from experiments.lib import workdir as workdir_lib
+from tests.experiments.test_training import tiny_config, tiny_dataset, write_image_folder
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# 40 train examples at batch 8 = 5 steps/epoch.
+DATASET = tiny_dataset()
+
+
+def latest_meta(workdir):
+  manager = checkpoint_lib.Checkpoints(workdir_lib.resolve(workdir))
+  try:
+    step = manager.steps()[-1]
+    return step, manager.read_meta(step)
+  finally:
+    manager.close()
+
+
+def all_finite(workdir, name):
+  manager = checkpoint_lib.Checkpoints(workdir_lib.resolve(workdir))
+  try:
+    mgr = manager.best if name == "best" else manager.latest
+    for step in mgr.all_steps():
+      state = mgr.restore(step)["state"]
+      assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state)), (name, step)
+    return sorted(mgr.all_steps())
+  finally:
+    manager.close()
+
+
+# --------------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
+  config = tiny_config(epochs=4, learning_rate=1e6, checkpoint_every_steps=1)
+  with pytest.raises(errors.Diverged, match="not finite at step") as raised:
+    loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["diverged"] and not results["finished"]
+  assert results["diverged_at_step"] == raised.value.step >= 1
+  # Every checkpoint and best/ holds a finite state from before the bad step.
+  assert all_finite(tmp_path, "latest")[-1] < raised.value.step
+  assert all(s < raised.value.step for s in all_finite(tmp_path, "best"))
+
+
+# ------------------------------------------------------------------ config changes
+
+
+def test_a_restart_with_other_training_settings_is_refused_naming_the_fields(tmp_path):
+  config = tiny_config(epochs=2, halt_after_steps=3)
+  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  changed = tiny_config(epochs=2, learning_rate=0.05, **{"survival.p_last": 1.0})
+  with pytest.raises(errors.UserError,
+                     match=r"learning_rate: 0.1 -> 0.05; survival.p_last: 0.5 -> 1.0.*"
+                           r"--allow_config_change"):
+    loop.train_and_evaluate(changed, str(tmp_path), dataset=DATASET)
+  # Settings that do not change the model may differ; an explicit flag allows the rest.
+  loop.train_and_evaluate(tiny_config(epochs=2, halt_after_steps=4, log_every_steps=1,
+                                      eval_batch_size=8), str(tmp_path), dataset=DATASET)
+  run = loop.train_and_evaluate(changed, str(tmp_path), dataset=DATASET,
+                                allow_config_change=True)
+  assert run.results["finished"]
+  assert run.results["config_changes"] == [
+      {"step": 4, "field": "learning_rate", "from": 0.1, "to": 0.05},
+      {"step": 4, "field": "survival.p_last", "from": 0.5, "to": 1.0}]
+  assert run.results["config"]["learning_rate"] == 0.05
+
+
+# ------------------------------------------------------------------- one run per dir
+
+
+def test_a_live_workdir_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from experiments.lib import workdir as w; "
+       f"lock = w.Lock(w.resolve({str(tmp_path)!r})); lock.acquire(); print('held', flush=True); "
+       "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(errors.WorkdirBusy, match=f"in use by pid {holder.pid} on "):
+      loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
+                              dataset=DATASET)
+    assert not (tmp_path / "checkpoints").exists()
+  finally:
+    holder.kill()  # dies without releasing anything by hand
+    holder.wait(30)
+  run = loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
+                                dataset=DATASET)
+  assert run.results["steps"] == 1
+
+
+# ------------------------------------------------------------- damaged checkpoints
+
+
+def largest_file(directory: pathlib.Path) -> pathlib.Path:
+  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, damage):
+  config = tiny_config(epochs=2, checkpoint_every_steps=2)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), dataset=DATASET)
+  config.halt_after_steps = 6
+  loop.train_and_evaluate(config, str(tmp_path / "run"), dataset=DATASET)
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
+  target = largest_file(tmp_path / "run" / "checkpoints" / "6" / "state")
+  data = bytearray(target.read_bytes())
+  if damage == "truncate":
+    target.write_bytes(bytes(data[:len(data) // 2]))
+  else:
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64 * [0x5A])
+    target.write_bytes(bytes(data))
+  config.halt_after_steps = 0
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "run"), dataset=DATASET)
+  assert (tmp_path / "run" / "damaged" / "checkpoint-6").is_dir()
+  assert resumed.results["finished"]
+  np.testing.assert_array_equal(np.asarray(resumed.state.params["head"]["kernel"]),
+                                np.asarray(straight.state.params["head"]["kernel"]))
+  assert latest_meta(tmp_path / "run")[1]["checksums"] == latest_meta(
+      tmp_path / "straight")[1]["checksums"]
+
+
+def test_checksums_name_the_array_that_changed():
+  state = {"a": np.arange(4.0), "b": {"c": np.ones(3, np.float32)}}
+  sums = checkpoint_lib.checksums(state)
+  state["b"]["c"][1] = 1.0000001
+  assert checkpoint_lib.damaged_arrays(state, sums) == ["['b']['c']"]
+
+
+# ------------------------------------------------------- checks before training
+
+
+def test_problems_are_found_before_training(tmp_path):
+  def fails(match, config=None, dataset=DATASET):
+    with pytest.raises(errors.UserError, match=match):
+      loop.train_and_evaluate(config or tiny_config(), str(tmp_path / "w"), dataset=dataset)
+    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was trained
+
+  fails("eval_batch_size must be a positive integer", tiny_config(eval_batch_size=0))
+  fails("batch_size must be a positive integer", tiny_config(batch_size=0))
+  fails("does not split over 4 devices", tiny_config(eval_batch_size=6))
+  small_test = data_lib.Split(DATASET.test.images[:, :4, :4], DATASET.test.labels)
+  fails(r"test images are \(4, 4, 3\), training images \(8, 8, 3\)",
+        dataset=data_lib.Dataset(DATASET.train, DATASET.validation, small_test, 10,
+                                 DATASET.mean_image, DATASET.std, True, "tiny"))
+  bad_labels = data_lib.Split(DATASET.test.images, DATASET.test.labels + 10)
+  fails("outside the 10 classes",
+        dataset=data_lib.Dataset(DATASET.train, DATASET.validation, bad_labels, 10,
+                                 DATASET.mean_image, DATASET.std, True, "tiny"))
+  fails("model: CIFAR ResNet depth must be 6n \\+ 2", tiny_config(**{"model.depth": 9}))
+
+
+def test_image_folder_surprises_are_named(tmp_path):
+  write_image_folder(tmp_path / "empty_class")
+  (tmp_path / "empty_class" / "train" / "fox").mkdir()
+  with pytest.raises(errors.UserError, match="class folder .*fox holds no .jpg/.png images"):
+    data_lib.load("folder", str(tmp_path / "empty_class"), validation_size=4)
+  write_image_folder(tmp_path / "typo")
+  (tmp_path / "typo" / "test" / "dog").rename(tmp_path / "typo" / "test" / "dgo")
+  with pytest.raises(errors.UserError, match=r"has class folders that .* lacks: \['dgo'\]"):
+    data_lib.load("folder", str(tmp_path / "typo"), validation_size=4)
+  write_image_folder(tmp_path / "sizes")
+  odd = tmp_path / "sizes" / "train" / "emu" / "3.png"
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.new("RGB", (9, 9)).save(odd)
+  with pytest.raises(errors.UserError, match=f"{odd} is \\(9, 9\\)"):
+    data_lib.load("folder", str(tmp_path / "sizes"), validation_size=4)
+  odd.write_bytes(b"not an image")
+  with pytest.raises(errors.UserError, match=f"cannot read image {odd}"):
+    data_lib.load("folder", str(tmp_path / "sizes"), validation_size=4)
+
+
+# ------------------------------------------------------------ records after resume
+
+
+def test_timings_add_up_over_segments_and_a_finished_run_is_left_as_it_was(tmp_path):
+  config = tiny_config(epochs=2, halt_after_steps=3)
+  first = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  config.halt_after_steps = 0
+  run = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  timing = run.results["timing"]
+  assert timing["train_steps"] == 10  # both segments' steps, each counted once
+  assert timing["compile_s"] > first.results["timing"]["compile_s"] > 0
+  assert timing["wall_s"] > first.results["timing"]["wall_s"]
+  saved = (tmp_path / "results.json").read_text()
+  again = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  assert (tmp_path / "results.json").read_text() == saved
+  assert again.results == json.loads(saved)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def cli(workdir, *extra, env=None):
+  return [sys.executable, "-m", "experiments.cifar", "--config=experiments/configs/quick.py",
+          f"--workdir={workdir}", "--config.model.depth=8", "--config.batch_size=64",
+          "--config.epochs=2", "--config.log_every_steps=5",
+          *extra]
+
+
+CLI_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def test_cli_user_errors_are_one_line_and_divergence_exits_3(tmp_path):
+  bad = subprocess.run(cli(tmp_path / "a", "--config.batch_size=0"), cwd=ROOT, env=CLI_ENV,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: batch_size must be a positive integer, got 0.")
+  assert "Traceback" not in bad.stderr
+  diverged = subprocess.run(cli(tmp_path / "b", "--config.learning_rate=1e6"), cwd=ROOT,
+                            env=CLI_ENV, capture_output=True, text=True, timeout=300)
+  assert diverged.returncode == 3, diverged.stderr[-2000:]
+  assert "diverged: training diverged: the loss or a gradient is not finite at step" in (
+      diverged.stderr)
+  assert "Traceback" not in diverged.stderr
+
+
+def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path):
+  straight = subprocess.run(cli(tmp_path / "straight"), cwd=ROOT, env=CLI_ENV,
+                            capture_output=True, text=True, timeout=300)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  process = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=CLI_ENV,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    for line in process.stderr:
+      if "step 10/" in line:  # training is under way
+        process.send_signal(signal.SIGTERM)
+        break
+    rest = process.stderr.read()
+    assert process.wait(120) == 75, rest[-2000:]
+  finally:
+    process.kill()
+  assert "SIGTERM received: saving a checkpoint" in rest
+  stopped_at, _ = latest_meta(tmp_path / "run")
+  assert 10 <= stopped_at < 78  # 39 steps per epoch
+  assert f"stopped: stopped by request at step {stopped_at}" in rest
+  assert not (tmp_path / "run" / "results.json").exists()
+  resumed = subprocess.run(cli(tmp_path / "run"), cwd=ROOT, env=CLI_ENV,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from step {stopped_at}" in resumed.stderr
+  # The console holds this project's lines only (orbax's INFO chatter is hidden), and
+  # the summary prints errors as percentages.
+  sources = {re.search(r" ([\w.]+\.py):\d+\]", line).group(1)
+             for line in resumed.stderr.splitlines() if re.match(r"I\d{4} ", line)}
+  assert sources == {"cifar.py", "loop.py"}, sources
+  assert re.search(r"best validation error \d+\.\d\d% at step \d+; test error there "
+                   r"\d+\.\d\d%", resumed.stderr)
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "straight"))
+  for key in ("best_validation_error", "best_validation_step", "final_test_error"):
+    assert a[key] == b[key], key
+  # Bit-identical: every array's CRC-32 in the final checkpoints agrees.
+  assert latest_meta(tmp_path / "run")[1]["checksums"] == latest_meta(
+      tmp_path / "straight")[1]["checksums"]
+  assert a["timing"]["train_steps"] == b["timing"]["train_steps"] == 78

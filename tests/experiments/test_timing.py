@@ -1,0 +1,61 @@
+"""Timing that is true: train steps, evaluation, checkpoints and compiling apart."""
+import json
+import time
+
+import pytest
+
+from experiments.lib import loop
+from tests.experiments.test_training import tiny_config, tiny_dataset
+
+
+def test_a_slow_evaluation_does_not_count_as_training_time(tmp_path, monkeypatch):
+  calls = []
+  real_evaluate = loop.evaluate
+
+  def slow_evaluate(*args, **kwargs):
+    calls.append(1)
+    time.sleep(0.4)
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+  config = tiny_config(epochs=3, log_every_steps=2)  # 5 steps/epoch
+  run = loop.train_and_evaluate(config, str(tmp_path), dataset=tiny_dataset())
+  timing = run.results["timing"]
+  assert len(calls) == 8  # validation + test after each of 3 epochs, and at the end
+  assert timing["evaluate_s"] >= 0.4 * len(calls)
+  assert timing["train_s"] < 0.5 * timing["evaluate_s"]
+  assert timing["train_steps"] == 15
+  assert (timing["train_s"] + timing["evaluate_s"] + timing["checkpoint_s"]
+          + timing["compile_s"] <= timing["wall_s"])
+  assert run.results["train_images_per_s"] == pytest.approx(
+      15 * config.batch_size / timing["train_s"])
+  assert run.results["seconds_per_epoch"] == pytest.approx(timing["train_s"] / 3)
+  # The progress windows partition the train time: none holds evaluation time, none
+  # counts steps it did not time.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  windows = [r for r in records if "train/loss" in r]
+  assert sum(r["train/steps"] for r in windows) == 15
+  assert sum(r["train/steps"] * config.batch_size / r["train/images_per_s"]
+             for r in windows) == pytest.approx(timing["train_s"], rel=1e-6)
+  # Windows never straddle an epoch, so per-epoch means can be formed from them.
+  assert [r["step"] for r in windows] == [2, 4, 5, 6, 8, 10, 12, 14, 15]
+  # Block 1 (p_1 = 5/6 here) is dropped in some steps: its gradient is 0 there.
+  grads = [r["train/first_block_grad_abs"] for r in windows]
+  assert min(grads) >= 0 and max(grads) > 0
+
+
+def test_stopwatch_books_time_between_events_as_training_only():
+  now = [0.0]
+  watch = loop.Stopwatch(totals={"train_s": 5.0, "train_steps": 10, "wall_s": 7.0},
+                         clock=lambda: now[0])
+  now[0] = 2.0
+  watch.end_train(4)                  # 2 s of train steps since the start
+  with watch.measure("evaluate"):
+    now[0] = 12.0                     # a 10 s evaluation
+  now[0] = 13.0
+  watch.end_train(1)                  # 1 s more of training, after the evaluation
+  assert watch.take_window() == (3.0, 5)
+  assert watch.snapshot() == {"train_s": 8.0, "train_steps": 15, "evaluate_s": 10.0,
+                              "checkpoint_s": 0.0, "compile_s": 0.0, "wall_s": 20.0}
+  assert watch.rates(batch_size=2, steps_per_epoch=5) == {
+      "train_images_per_s": 30 / 8.0, "seconds_per_epoch": 8.0 / 15 * 5}
