@@ -12,6 +12,7 @@ process again to resume from the newest checkpoint.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -75,7 +76,8 @@ def main(argv):
       raise  # one process: a bug keeps its traceback and exit status
     logging.exception("process %d failed", jax.process_index())
     shared = isinstance(e, jax.errors.JaxRuntimeError)
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][-300:]
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first_line = re.sub(r"(Error dispatching computation: )+", "", first_line)[-300:]
     print(f"error: process {jax.process_index()} of {jax.process_count()} failed"
           f"{' in a computation shared with the other processes' if shared else ''} "
           f"({first_line}). If another process died first, its log says why. Start "

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -251,7 +252,8 @@ class StopRequest:
 
   One process: SIGTERM and SIGINT set a flag (a second signal acts as usual). Several
   processes: JAX's preemption service catches SIGTERM on any host and orbax's
-  `reached_preemption(step)` answers the same on all of them, so they all save one step.
+  `reached_preemption(step)` answers the same on all of them, so they all save one step;
+  a SIGINT is passed on to it as a SIGTERM (a second SIGINT acts as usual).
   """
 
   def __init__(self, checkpoints: checkpoint_lib.Checkpoints):
@@ -260,10 +262,22 @@ class StopRequest:
     self._previous = {}
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    if jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
+    else:
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_as_sigterm)
     return self
+
+  def _forward_as_sigterm(self, signum, frame):
+    """JAX's preemption notifier listens for SIGTERM only: a SIGINT (Ctrl-C) becomes one."""
+    del frame
+    logging.warning("SIGINT received: passed on as SIGTERM, so every process saves a "
+                    "checkpoint of one step (send it again to stop at once).")
+    signal.signal(signum, self._previous.get(signum, signal.default_int_handler))
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def _handle(self, signum, frame):
     del frame
