@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-import zlib
+from collections.abc import Callable, Iterator
+import contextlib
+import os
+import time
 from typing import Any
+import zlib
 
 from absl import logging
 from etils import epath
@@ -86,13 +89,15 @@ class Checkpoints:
     """
     for step in reversed(self.steps()):
       try:
-        meta = self.read_meta(step)
+        with _quiet_when_failing():
+          meta = self.read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
       check_meta(meta)
       try:
-        state, meta = self.restore(step, template)
+        with _quiet_when_failing():
+          state, meta = self.restore(step, template)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
@@ -132,3 +137,25 @@ class Checkpoints:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+@contextlib.contextmanager
+def _quiet_when_failing(drain_s: float = 0.5) -> Iterator[None]:
+  """Closes stderr (fd 2) during a restore attempt, and for `drain_s` after a failure.
+
+  When a read fails, orbax closes its event loop while tensorstore still completes the
+  other reads, and each late completion prints an "Event loop is closed" traceback from a
+  C++ thread: dozens of them, burying the real error. `restore_newest_good` reports the
+  failure in one line instead.
+  """
+  saved = os.dup(2)
+  with open(os.devnull, "w") as devnull:  # pylint: disable=unspecified-encoding
+    os.dup2(devnull.fileno(), 2)
+  try:
+    yield
+  except Exception:  # pylint: disable=broad-except
+    time.sleep(drain_s)
+    raise
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
