@@ -536,7 +536,9 @@ def log_window(reporter, watch, totals, plan, schedule, step, batch_size) -> Non
                         "train/learning_rate": lr, "train/images_per_s": rate,
                         "train/first_block_grad_abs": window["first_block_grad_abs"],
                         "train/steps": steps,
-                        "epoch": step / plan.steps_per_epoch})
+                        "epoch": step / plan.steps_per_epoch,
+                        **{f"timing/{name}": value
+                           for name, value in watch.snapshot().items()}})
 
 
 def final_results(record, plan, step, watch, dataset, model, final_state, config) -> dict:

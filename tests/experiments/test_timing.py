@@ -9,21 +9,22 @@ from tests.experiments.test_training import tiny_config, tiny_dataset
 
 
 def test_a_slow_evaluation_does_not_count_as_training_time(tmp_path, monkeypatch):
-  calls = []
+  calls, skew = [], [0.0]
   real_evaluate = loop.evaluate
 
-  def slow_evaluate(*args, **kwargs):
+  def slow_evaluate(*args, **kwargs):  # each evaluation takes 100 s more on the clock
     calls.append(1)
-    time.sleep(0.4)
+    skew[0] += 100.0
     return real_evaluate(*args, **kwargs)
 
   monkeypatch.setattr(loop, "evaluate", slow_evaluate)
   config = tiny_config(epochs=3, log_every_steps=2)  # 5 steps/epoch
-  run = loop.train_and_evaluate(config, str(tmp_path), dataset=tiny_dataset())
+  run = loop.train_and_evaluate(config, str(tmp_path), dataset=tiny_dataset(),
+                                clock=lambda: time.perf_counter() + skew[0])
   timing = run.results["timing"]
   assert len(calls) == 8  # validation + test after each of 3 epochs, and at the end
-  assert timing["evaluate_s"] >= 0.4 * len(calls)
-  assert timing["train_s"] < 0.5 * timing["evaluate_s"]
+  assert timing["evaluate_s"] >= 100.0 * len(calls)
+  assert timing["train_s"] < 100.0  # 15 tiny steps: none of the evaluations' time
   assert timing["train_steps"] == 15
   assert (timing["train_s"] + timing["evaluate_s"] + timing["checkpoint_s"]
           + timing["compile_s"] <= timing["wall_s"])
@@ -42,6 +43,25 @@ def test_a_slow_evaluation_does_not_count_as_training_time(tmp_path, monkeypatch
   # Block 1 (p_1 = 5/6 here) is dropped in some steps: its gradient is 0 there.
   grads = [r["train/first_block_grad_abs"] for r in windows]
   assert min(grads) >= 0 and max(grads) > 0
+  # TensorBoard holds the same scalars, the gradient magnitude and timing included.
+  assert tensorboard_scalars(tmp_path / "tensorboard") == {
+      name: [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records if name in r]
+      for name in {k for r in records for k in r} - {"step", "time"}}
+  assert {"train/first_block_grad_abs", "timing/train_s", "timing/evaluate_s",
+          "validation/error", "test/error"} <= {k for r in records for k in r}
+
+
+def tensorboard_scalars(logdir) -> dict:
+  """{tag: [(step, value), ...]} of every scalar in the event files under `logdir`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  scalars = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
 
 
 def test_stopwatch_books_time_between_events_as_training_only():
