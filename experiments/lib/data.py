@@ -24,7 +24,7 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ class Dataset:
   """Train / validation / (optional) test splits and the training normalisation."""
   train: Split
   validation: Split
-  test: Optional[Split]
+  test: Split | None
   num_classes: int
   mean_image: np.ndarray  # float32 [H, W, C], per-pixel mean of the training images
   std: float  # one global scalar std of the training images
@@ -113,7 +113,7 @@ def normalisation(images: np.ndarray) -> tuple[np.ndarray, float]:
   return mean.astype(np.float32), std
 
 
-def finish(name: str, train: Split, validation: Split, test: Optional[Split],
+def finish(name: str, train: Split, validation: Split, test: Split | None,
            num_classes: int, augment: bool) -> Dataset:
   mean, std = normalisation(train.images)
   return Dataset(train, validation, test, num_classes, mean, std, augment, name)
@@ -122,8 +122,8 @@ def finish(name: str, train: Split, validation: Split, test: Optional[Split],
 # ------------------------------------------------------------------------------ sources
 
 
-def load(name: str, data_dir: Optional[str] = None, seed: int = 0,
-         validation_size: int = 5000, augment: Optional[bool] = None) -> Dataset:
+def load(name: str, data_dir: str | None = None, seed: int = 0,
+         validation_size: int = 5000, augment: bool | None = None) -> Dataset:
   """The dataset `name` split by the paper's protocol (see module docstring).
 
   name: "cifar10", "cifar100", "svhn_cropped" (TFDS), "folder" (data_dir = ROOT), or
@@ -160,7 +160,7 @@ def load(name: str, data_dir: Optional[str] = None, seed: int = 0,
       f"unknown dataset {name!r}; choose one of {TFDS_NAMES + ('folder', 'synthetic')}.")
 
 
-def _tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
+def _tfds_split(name: str, split: str, data_dir: str | None) -> Split:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -180,7 +180,7 @@ def _tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
                np.concatenate(labels).astype(np.int32))
 
 
-def load_image_folder(root: str) -> tuple[Split, Optional[Split], list[str]]:
+def load_image_folder(root: str) -> tuple[Split, Split | None, list[str]]:
   """ROOT/train/<class>/*.{jpg,png} (+ optional ROOT/test/): labels = sorted class names."""
   root_path = pathlib.Path(root)
   train_dir = root_path / "train"
