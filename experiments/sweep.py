@@ -32,7 +32,9 @@ config_flags.DEFINE_config_file("config", None, "The base config file of every r
 flags.DEFINE_enum("sweep", None, ["pair", "p_last"], "Which sweep to run.")
 flags.DEFINE_string("root", None, "Directory holding one workdir per run, and the report.")
 flags.DEFINE_bool("report", True, "Write ROOT/report when every run has finished.")
-flags.mark_flags_as_required(["config", "sweep", "root"])
+# Checked in main rather than marked required: a process that imports this module (the
+# test suite) parses flags for other programs too.
+REQUIRED = ("config", "sweep", "root")
 
 PREEMPTED = 75
 
@@ -64,7 +66,11 @@ def run_command(config_file: str, workdir: str, overrides: list[str]) -> list[st
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  missing = [f"--{name}" for name in REQUIRED if FLAGS[name].value is None]
+  if missing:
+    raise app.UsageError(f"missing {', '.join(missing)}.")
   config_file = flags.FLAGS["config"].config_filename
   overrides = config_overrides(sys.argv[1:])
   finished = []
