@@ -1,20 +1,42 @@
 """What sdnet does differently per JAX backend: every such choice, in one place.
 
+- `conv_general_dilated`: the convolution the models compute with.
 - `auto_skip`: how `skip="auto"` drops blocks.
 - `unroll_stages`: whether a stage's scan over its blocks is unrolled.
-- `trace_steps_one_by_one`: whether several training steps in one compiled call are a
-  Python loop (traced one after another) rather than a `lax.scan`.
 
-Only the CPU choices are measured (a ResNet-20 train step at batch 8 took 30 ms plain
-and 305 ms with a per-block `cond`; convolutions inside a loop ran about 20x slower than
-unrolled). The GPU and TPU choices are reasoned, not measured: `benchmarks/suite.py`
-measures every method on the machine it runs on, and the README keeps its figures.
+Several training steps in one compiled call are a `lax.scan` on every backend: on CPU it
+was a Python loop while loops around convolutions were slow; with `sdnet.conv` the scan
+is as fast (ResNet-20, 4 steps per call: 571 against 646 ms per step plain, 446 against
+456 SD on jax 0.12; 808/820 and 559/564 on jax 0.10.2) and compiles in half the time
+(6 against 13-17 s).
+
+The CPU choices are measured on 2 cores (Xeon, AVX-512), float32, batch 128, one jitted
+train step (forward, backward, Nesterov SGD), variants interleaved in one process, medians
+of 5-7 repetitions, jax 0.12.0.1 (Python 3.12) / jax 0.10.2 (Python 3.11); "rolled" is a
+`lax.scan` over a stage's blocks, "unrolled" the same scan fully unrolled; SD is linear
+decay to p_L = 0.5:
+
+  ms per step                      ResNet-56 (0.12 / 0.10)    ResNet-110 (0.12 / 0.10)
+  plain, rolled                     1862 / 2561                3540 / 4672
+  plain, unrolled                   1945 / 2683                5701 / 6914
+  SD, cond per block, rolled        1585 / 2132                2953 / 4118
+  SD, cond per block, unrolled      1369 / 1889  (0.74/0.74)   2612 / 3726  (0.74/0.80)
+  SD, compact, rolled               1631 / 2034                2943 / 4018
+  SD, compact, unrolled             1457 / 1874                2908 / 3757
+  SD, mask, rolled                  1886 / 2536                   -
+
+all with `sdnet.conv`'s convolutions. With `lax`'s, a conditional or loop around a
+convolution costs tens of times the convolution (jax #12868, `sdnet.conv`): the SD cond
+step of ResNet-20 took ~30 s against 0.6 s plain. The GPU and TPU choices are reasoned,
+not measured: `benchmarks/suite.py` measures every method on the machine it runs on, and
+the README keeps its figures.
 """
 
 from __future__ import annotations
 
 import jax
 
+from sdnet import conv
 from sdnet import options
 
 
@@ -23,12 +45,25 @@ def platform() -> str:
   return jax.default_backend()
 
 
+def conv_general_dilated():
+  """The convolution the library's models compute with.
+
+  CPU  `sdnet.conv.conv_general_dilated`: its gradients are canonical convolutions, which
+       XLA:CPU runs fast inside conditionals and loops too (top level: as fast as lax's,
+       bit-identical; inside `lax.cond`, kernel gradient of NHWC 128x16x16x32 3x3: 23 ms
+       against lax's 1062 ms on jax 0.10.2, 14 ms against 1037 ms on jax 0.12).
+  GPU, TPU  `lax.conv_general_dilated` (nothing measured says otherwise).
+  """
+  return conv.conv_general_dilated if platform() == "cpu" else jax.lax.conv_general_dilated
+
+
 def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:
   """The implementation `skip="auto"` stands for (a stage's, or a lone block's).
 
   Per-example gates (row mode) cannot skip, so they mask. Otherwise:
-    CPU  "mask"   measured: XLA:CPU runs a conditional around convolutions at ~10x the
-                  cost of the plain block, more than the skipped work saves.
+    CPU  "cond"   measured (module table): per-block cond, its stages unrolled, is the
+                  fastest at ResNet-56 and -110 on both JAX versions (compact ties on
+                  jax 0.10 and compiles 3x longer).
     GPU  "compact" for a stage, "cond" for a lone block. Reasoned, NOT measured: XLA:GPU
                   copies every conditional's predicate to the host and waits, so the
                   fewest conditionals should win; compaction runs bit_length(n) per stage
@@ -37,27 +72,22 @@ def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:
   """
   if mode == "row":
     return "mask"
-  backend = platform()
-  if backend == "cpu":
-    return "mask"
-  if backend == "gpu" and stage:
+  if platform() == "gpu" and stage:
     return "compact"
   return "cond"
 
 
-def unroll_stages(length: int, remat: bool) -> int | bool:
-  """`lax.scan` unroll for a stage of `length` blocks under `scan_unroll="auto"`.
+def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:
+  """`lax.scan` unroll for `length` same-shape blocks under `scan_unroll="auto"`;
+  `gated`: a traced gate decides whether each block runs.
 
-  CPU: stages of up to 64 blocks unroll fully (measured: XLA:CPU runs convolutions
-  inside a loop ~20x slower). Elsewhere, deeper, or with remat: a real loop (unrolled,
-  XLA merges the recomputation with the forward pass and remat saves no memory: measured).
+  CPU: plain stages roll (measured: faster than unrolled, 3540 against 5701 ms at
+  ResNet-110, and 3-6x quicker to compile); gated stages of up to 64 blocks unroll
+  (measured: 0.88-0.89 of the rolled step's time at ResNet-56 and -110). Elsewhere, or
+  with remat: a real loop (unrolled, XLA merges the recomputation with the forward pass
+  and remat saves no memory: measured).
   """
-  if remat:
+  if remat or platform() != "cpu":
     return 1
-  return length <= 64 if platform() == "cpu" else 1
+  return True if gated and length <= 64 else 1
 
-
-def trace_steps_one_by_one() -> bool:
-  """Several train steps per compiled call: a Python loop on CPU (a loop around the
-  convolutions is slow there, as above), a `lax.scan` elsewhere."""
-  return platform() == "cpu"

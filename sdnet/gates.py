@@ -74,8 +74,9 @@ def resolve(key, gates, probs, mode: options.Mode = "batch",
             batch_size: int | None = None):
   """The gates of a training step: from explicit `gates` or drawn with `key`.
 
-  Returns None when the network has constant depth and neither was given (nothing to
-  gate). Raises ValueError when both or (for a stochastic network) neither is given.
+  Returns None when the network has constant depth and no explicit gates were given:
+  nothing to gate, nothing drawn (a key is then accepted and unused). Raises ValueError
+  when both or (for a stochastic network) neither is given.
   """
   probs = np.asarray(probs)
   if key is not None and gates is not None:
@@ -83,7 +84,8 @@ def resolve(key, gates, probs, mode: options.Mode = "batch",
   if gates is not None:
     return check_gates(gates, probs.shape[0], mode, batch_size)
   if key is not None:
-    return draw(key, probs, mode, batch_size)
+    check_key(key)
+    return None if np.all(probs == 1.0) else draw(key, probs, mode, batch_size)
   if np.all(probs == 1.0):
     return None
   raise ValueError(

@@ -165,6 +165,8 @@ class ResNet(nn.Module):
     dtype: computation dtype (parameters and BatchNorm statistics stay float32).
     axis_name: the pmap/shard_map axis for cross-replica BatchNorm, or None.
     conv_bias: convolutions carry a bias (the authors' CIFAR code does).
+    conv: the convolution module (called like `nn.Conv`); None: `nn.Conv` computing with
+      `sdnet.backend.conv_general_dilated()` (on CPU, `sdnet.conv`'s gradients).
     remat: rematerialise each block in the backward pass (saves memory, costs compute).
     scan_unroll: blocks per iteration of each stage's scan, True for all, or "auto"
       (`sdnet.backend.unroll_stages`).
@@ -184,6 +186,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   conv_bias: bool = True
+  conv: ModuleDef | None = None
   remat: bool = False
   scan_unroll: int | bool | Literal["auto"] = "auto"
 
@@ -222,6 +225,7 @@ class ResNet(nn.Module):
 
     train=True draws the block gates from `key` (or takes explicit bool `gates`, one per
     block); BatchNorm then uses and updates batch statistics (mutable "batch_stats").
+    Blocks with p_l = 1 are statically open under `key`: no gate, no conditional.
     At evaluation every block runs with the test-time rule; `gates` may still name a
     sub-network to run.
     """
@@ -233,10 +237,17 @@ class ResNet(nn.Module):
                        "Pass gates= to evaluate a chosen sub-network.")
     elif gates is not None:
       gates = gates_lib.check_gates(gates, self.num_blocks, self.mode, x.shape[0])
-    stochastic = gates is not None or not survival_lib.is_constant_depth(probs)
+    # Which blocks a traced gate decides: all of them for explicit gates, else those
+    # that can be dropped (p_l < 1); the others run as in a plain ResNet.
+    gated = np.zeros(self.num_blocks, bool) if gates is None else (
+        probs < 1.0 if key is not None else np.ones(self.num_blocks, bool))
+    # Blocks scaled at evaluation (p_l < 1, "paper" scaling) carry their p_l.
+    scaled = probs < 1.0
 
-    conv = functools.partial(nn.Conv, use_bias=self.conv_bias, dtype=self.dtype,
-                             kernel_init=he_normal)
+    conv = functools.partial(self.conv or nn.Conv, use_bias=self.conv_bias,
+                             dtype=self.dtype, kernel_init=he_normal)
+    if self.conv is None:
+      conv = functools.partial(conv, conv_general_dilated=backend.conv_general_dilated())
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
     act = nn.relu
@@ -250,36 +261,33 @@ class ResNet(nn.Module):
       x = act(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
 
-    compact = self.stage_skip() == "compact"
     # A block that compaction does not cover (a stage's first) skips with a cond.
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
-                  skip="cond" if compact else self.stage_skip(), scaling=self.scaling,
-                  mode=self.mode)
-    block_cls = nn.remat(Block) if self.remat else Block
+                  skip="cond" if self.stage_skip() == "compact" else self.stage_skip(),
+                  scaling=self.scaling, mode=self.mode)
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       strides = 1 if stage == 0 else 2
-      xs = self._per_block(start, size, probs, gates, stochastic)
+      blocks = slice(start, start + size)
+      xs = {"prob": jnp.asarray(probs[blocks], jnp.float32)}
+      if gates is not None:
+        xs["gate"] = gates[blocks]
       out_features = features * getattr(self.branch_cls, "expansion", 1)
       scan_from = 1
       if strides == 1 and not self.projection and x.shape[-1] == out_features:
         scan_from = 0  # the first block has the shape of the others: scan it too
       else:
+        first_xs = {k: v[0] for k, v in xs.items()
+                    if (k == "gate" and gated[start]) or (k == "prob" and scaled[start])}
+        block_cls = nn.remat(Block) if self.remat else Block
         x, _ = block_cls(features=features, strides=strides, projection=self.projection,
-                         name=f"stage{stage + 1}_first", **common)(
-                             x, jax.tree.map(lambda a: a[0], xs))
+                         name=f"stage{stage + 1}_first", **common)(x, first_xs)
       if size > scan_from:
-        name, stage_xs = f"stage{stage + 1}_blocks", jax.tree.map(lambda a: a[scan_from:], xs)
-        if compact and "gate" in stage_xs and not self.is_initializing():
-          x = self._run_compacted(
-              name, Block(features=features, strides=1, projection=False, **common), x,
-              stage_xs)
-        else:
-          scanned_cls = nn.scan(block_cls, variable_axes={"params": 0, "batch_stats": 0},
-                                split_rngs={"params": True}, length=size - scan_from,
-                                unroll=self._unroll(size - scan_from))
-          x, _ = scanned_cls(features=features, strides=1, projection=False, name=name,
-                             **common)(x, stage_xs)
+        rest = slice(start + scan_from, start + size)
+        block_kwargs = dict(features=features, strides=1, projection=False, **common)
+        x = self._run_stage(f"stage{stage + 1}_blocks", block_kwargs, x,
+                            {k: v[scan_from:] for k, v in xs.items()},
+                            gated[rest], scaled[rest])
       start += size
 
     x = jnp.mean(x, axis=(1, 2))
@@ -287,41 +295,72 @@ class ResNet(nn.Module):
                  name="head")(x)
     return jnp.asarray(x, jnp.float32)
 
-  def _run_compacted(self, name: str, block: Block, x, xs):
-    """The scanned blocks `name`, skipped by compaction (see sdnet.compaction).
+  def _run_stage(self, name: str, block_kwargs: dict, x, xs, gated: np.ndarray,
+                 scaled: np.ndarray):
+    """The same-shape blocks `name` of a stage, on stacked variables (leading axis =
+    block), in runs of consecutive blocks of one kind:
 
-    Works on the same stacked variables as the `nn.scan` path (it reads and writes the
-    subtree `name`), so the two are interchangeable on one set of weights.
+      gated (a traced gate decides)   skipped by `stage_skip()`: per block cond or mask
+                                      inside a scan, or compaction (sdnet.compaction)
+      not gated                       a plain scan, no conditional, as a plain ResNet
+
+    `nn.scan` creates the stacked variables at initialisation; afterwards every run reads
+    and writes its slice of them, so every skip method runs on one set of weights.
     """
+    if self.is_initializing():
+      scanned = nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0},
+                        split_rngs={"params": True}, length=len(gated))
+      x, _ = scanned(**block_kwargs, name=name)(x, {})
+      return x
+    block = Block(**block_kwargs, parent=None)
     variables = {"params": self.get_variable("params", name),
-                 "batch_stats": self.get_variable("batch_stats", name)}
+                 "batch_stats": self.get_variable("batch_stats", name, {})}
+    mutable = ["batch_stats"] if self.is_mutable_collection("batch_stats") else False
 
-    def apply_block(block_variables, h, prob):
-      gate = True  # compaction runs survivors only; static: no conditional per block
-      h, state = block.apply(block_variables, h, {"prob": prob, "gate": gate},
-                             mutable=["batch_stats"])
-      return h[0], state["batch_stats"]
+    def apply_block(block_variables, h, block_xs):
+      out = block.apply(block_variables, h, block_xs, mutable=mutable)
+      if mutable:
+        (h, _), state = out
+        return h, state["batch_stats"]
+      return out[0], block_variables["batch_stats"]
 
-    x, new_stats = compaction.run_stage(apply_block, variables, x, xs["gate"], xs["prob"],
-                                        checkpoint=self.remat,
-                                        unroll=self._unroll(len(xs["gate"])))
-    if self.is_mutable_collection("batch_stats"):
-      self.put_variable("batch_stats", name, new_stats)
+    if self.remat:
+      apply_block = jax.checkpoint(apply_block)
+
+    def scan_run(h, run_variables, run_xs, unroll):
+      return jax.lax.scan(lambda h, v_xs: apply_block(v_xs[0], h, v_xs[1]), h,
+                          (run_variables, run_xs), unroll=unroll)
+
+    new_stats = []
+    for lo, hi in _runs(gated):
+      run_variables = jax.tree.map(lambda a: a[lo:hi], variables)  # pylint: disable=cell-var-from-loop
+      run_xs = {"prob": xs["prob"][lo:hi]} if scaled[lo:hi].any() else {}
+      unroll = self._unroll(hi - lo, gated=bool(gated[lo]))
+      if not gated[lo]:
+        x, stats = scan_run(x, run_variables, run_xs, unroll)
+      elif self.stage_skip() == "compact":
+        x, stats = compaction.run_stage(
+            lambda v, h, p: apply_block(v, h, {"prob": p, "gate": True}),
+            run_variables, x, xs["gate"][lo:hi], xs["prob"][lo:hi], unroll=unroll)
+      else:
+        x, stats = scan_run(x, run_variables, {**run_xs, "gate": xs["gate"][lo:hi]},
+                            unroll)
+      new_stats.append(stats)
+    if mutable:
+      self.put_variable("batch_stats", name,
+                        jax.tree.map(lambda *s: jnp.concatenate(s), *new_stats))
     return x
 
-  def _unroll(self, length: int) -> int | bool:
+  def _unroll(self, length: int, gated: bool) -> int | bool:
     if self.scan_unroll != "auto":
       return self.scan_unroll
-    return backend.unroll_stages(length, self.remat)
+    return backend.unroll_stages(length, self.remat, gated)
 
-  def _per_block(self, start, size, probs, gates, stochastic):
-    """This stage's slice of the per-block arrays (empty when depth is constant)."""
-    if not stochastic:
-      return {}
-    xs = {"prob": jnp.asarray(probs[start:start + size], jnp.float32)}
-    if gates is not None:
-      xs["gate"] = gates[start:start + size]
-    return xs
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+  """[lo, hi) ranges of consecutive equal entries of `flags`."""
+  edges = [0] + [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]] + [len(flags)]
+  return list(zip(edges[:-1], edges[1:]))
 
 
 CIFAR_FEATURES = (16, 32, 64)

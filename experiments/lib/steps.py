@@ -25,7 +25,6 @@ import numpy as np
 import optax
 
 from experiments.lib import data as data_lib
-from sdnet import backend
 from sdnet import models
 
 AXIS = "batch"
@@ -197,12 +196,6 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
 
 def train_steps(state, batches, metrics, **kwargs):
   """`train_step` over the leading (steps) axis of `batches`, in one compiled call."""
-  if backend.trace_steps_one_by_one():
-    for i in range(jax.tree.leaves(batches)[0].shape[0]):
-      state, metrics = train_step(state, jax.tree.map(lambda a: a[i], batches), metrics,
-                                  **kwargs)
-    return state, metrics
-
   def body(carry, batch):
     return train_step(carry[0], batch, carry[1], **kwargs), None
   (state, metrics), _ = jax.lax.scan(body, (state, metrics), batches)

@@ -107,7 +107,7 @@ def test_resnet110_runs_a_few_conditionals_per_stage_instead_of_one_per_block():
 
 def test_auto_picks_per_backend(monkeypatch):
   from sdnet import backend, residual
-  for platform, stage, block in [("cpu", "mask", "mask"), ("gpu", "compact", "cond"),
+  for platform, stage, block in [("cpu", "cond", "cond"), ("gpu", "compact", "cond"),
                                  ("tpu", "cond", "cond")]:
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     assert models.CifarResNet20().stage_skip() == stage

@@ -169,7 +169,7 @@ def test_explicit_gates_at_evaluation_run_a_sub_network():
   model = models.CifarResNet8(p_last=0.5)
   v = model.init(jax.random.key(0), X)
   np.testing.assert_allclose(model.apply(v, X, gates=jnp.ones(3, bool)), model.apply(v, X),
-                             rtol=1e-6)
+                             rtol=1e-6, atol=1e-6)
   assert not np.allclose(model.apply(v, X, gates=jnp.array([1, 0, 1], bool)),
                          model.apply(v, X))
   gates = jnp.array(GATE_PATTERNS[1], bool)
