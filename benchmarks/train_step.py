@@ -1,7 +1,8 @@
 r"""Times the real training step: constant depth vs stochastic depth, per skip method.
 
-  python -m benchmarks.train_step --out=bench.json              # the GPU/TPU table
-  python -m benchmarks.train_step --small                       # a CPU smoke run
+  python -m benchmarks.train_step --out=bench.json              # ResNet-110/1202 table
+  python -m benchmarks.train_step --cases=20:128,56:128,110:128 # the README's CPU table
+  python -m benchmarks.train_step --small                       # a check of the script
   python -m benchmarks.suite --out_dir=bench                    # every setting (GPU)
 
 Each row is the experiments' own compiled step, built by the one builder the training
@@ -15,8 +16,13 @@ compiled step needs (XLA's buffer assignment: arguments + temporaries + outputs 
 not alias a donated argument), which is the step's peak. --compile_only reports the last
 two alone, without allocating or running anything.
 
-On CPU the figures mean nothing for accelerator speed (XLA:CPU handles conditionals and
-loops very differently); use --small there only to check the script.
+Variants: "constant" is the plain network (p_L = 1: no gate, no conditional); "SD <skip>"
+trains with stochastic depth (p_L = --p_last, linear decay) skipped by <skip> ("auto" is
+the backend's choice, `sdnet.backend`); "SD open" and "SD closed" are `skip="auto"` with
+every gate forced open or closed (gates still drawn from the step's key, so the program
+is the stochastic one): what a block costs when it runs, and what remains when none does.
+On a CPU the ratios say what skipping saves on that CPU; they do not predict a GPU's or a
+TPU's, whose costs of conditionals and loops differ (the README's tables keep each).
 """
 
 import functools
@@ -36,22 +42,46 @@ from experiments.lib import steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps_per_call", 1, "Steps per compiled call.")
-flags.DEFINE_list("skips", ["cond", "mask", "compact"],
+flags.DEFINE_list("skips", ["auto", "cond", "mask", "compact"],
                   "Skip implementations to time for stochastic depth.")
+flags.DEFINE_bool("forced_gates", True, "Also time skip='auto' with every gate forced "
+                  "open, and forced closed.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass.")
 flags.DEFINE_bool("compile_only", False, "Only compile: compile time and memory, no timing "
                   "(meaningful on CPU too, as proportions).")
 
 
-def make_variant(depth, batch, p_last, skip, steps_per_call, compile_only=False):
-  """A compiled step function and its donated state, as the experiments build them."""
+class ForcedGates:
+  """`model` whose training gates are all open (or all closed), drawn from the step's key
+  as Bernoulli(1) (or Bernoulli(0)) draws: traced values, so the compiled program keeps
+  every conditional of a stochastic network and XLA cannot fold them away."""
+
+  def __init__(self, model, is_open: bool):
+    self.model, self.is_open = model, is_open
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, x, train=False, *, key=None, **kwargs):
+    if not train:
+      return self.model.apply(variables, x, **kwargs)
+    gates = jax.random.bernoulli(key, float(self.is_open), (self.model.num_blocks,))
+    return self.model.apply(variables, x, train=True, gates=gates, **kwargs)
+
+
+def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
+                 remat=False, forced_gates=None, compile_only=False):
+  """A compiled step function and its donated state, as the experiments build them
+  (`forced_gates`: True/False forces every gate open/closed, see ForcedGates)."""
   config = default.get_config()
   config.model.depth, config.batch_size = depth, batch
   config.survival.p_last, config.skip = p_last, skip
-  config.dtype, config.remat = FLAGS.dtype, FLAGS.remat
+  config.dtype, config.remat = dtype, remat
   devices = jax.local_device_count()
   model = steps.build_model(config, 10)
+  if forced_gates is not None:
+    model = ForcedGates(model, forced_gates)
   tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, 390))
   make_state = lambda: jax_utils.replicate(jax.device_get(
       steps.create_train_state(model, tx, (32, 32, 3), 0)))
@@ -108,13 +138,17 @@ def main(argv):
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()})")
   if jax.default_backend() == "cpu":
-    print("CPU: these figures say nothing about accelerator speed.")
+    print("CPU: ratios show what skipping saves on this CPU, not on a GPU or TPU.")
   make = functools.partial(make_variant, steps_per_call=FLAGS.steps_per_call,
+                           dtype=FLAGS.dtype, remat=FLAGS.remat,
                            compile_only=FLAGS.compile_only)
   for depth, batch in common.cases():
-    variants = {"constant": make(depth, batch, 1.0, "cond")}
+    variants = {"constant": make(depth, batch, 1.0, "auto")}
     for skip in FLAGS.skips:
       variants[f"SD {skip}"] = make(depth, batch, FLAGS.p_last, skip)
+    if FLAGS.forced_gates:
+      for name, is_open in (("SD open", True), ("SD closed", False)):
+        variants[name] = make(depth, batch, FLAGS.p_last, "auto", forced_gates=is_open)
     for _ in range(0 if FLAGS.compile_only else repeats):
       for variant in variants.values():
         variant["times"].append(run_variant(variant, calls, FLAGS.steps_per_call))

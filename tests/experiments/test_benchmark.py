@@ -15,7 +15,8 @@ def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
   with flagsaver.flagsaver(small=True, out=str(out), repeats=1, calls=1):
     train_step.main([])
   rows = json.loads(out.read_text())["rows"]
-  assert [r["variant"] for r in rows] == ["constant", "SD cond", "SD mask", "SD compact"]
+  assert [r["variant"] for r in rows] == ["constant", "SD auto", "SD cond", "SD mask",
+                                          "SD compact", "SD open", "SD closed"]
   assert rows[0]["ratio_to_constant"] == 1.0
   for r in rows:
     assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["compile_s"] > 0
@@ -93,7 +94,7 @@ def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_
   monkeypatch.setattr(steps, "make_train_step", recording_builder)
   flags.FLAGS(["benchmark"], known_only=True)
   with flagsaver.flagsaver(small=True, out="", repeats=1, calls=1, skips=["mask"],
-                           compile_only=True):
+                           forced_gates=False, compile_only=True):
     train_step.main([])
   assert len(built) == 2  # constant depth and SD mask
   loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
