@@ -22,7 +22,8 @@ output size m = (n + lo + hi - k) // s + 1:
     dL/dW = conv(x^T, dy^T, kernel dilation s)  x^T: (C, n, B) (batch <-> channels),
                                                 dy^T: (m, B, O) as the kernel; padding
                                                 (lo, (m - 1) s + k - n - lo); the result
-                                                (C, k, O) transposed to (k, C, O)
+                                                (C, k, O) transposed to (k, C, O); summed
+                                                over chunks of the batch (kernel_gradient)
 
 (dilate_s inserts s - 1 zeros between neighbours, as `lhs_dilation`). Both are exact: the
 same sums as `lax`'s transposes, in the same order on XLA:CPU (the tests compare them).
@@ -111,7 +112,34 @@ def input_gradient(dy, kernel, input_shape: Sequence[int], strides, pads, precis
 
 
 def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, pads, precision=None):
-  """dL/dW = conv(x^T, dy^T) with kernel dilation s, batch and channels of x swapped."""
+  """dL/dW = sum over chunks c of the batch of conv(x_c^T, dy_c^T) (module doc).
+
+  The sum over the batch runs in chunks of at least `MIN_CHUNK` examples: XLA:CPU
+  computes the kernel gradient 2-3x faster from chunks of 16 than from a batch of 128
+  (ResNet shapes, 2 cores: 32x32x16 18 -> 8 ms, 16x32x32 14 -> 5 ms on jax 0.12; 28 -> 10
+  and 24 -> 9 ms on jax 0.10.2); the chunks' sums add in float32.
+  """
+  # Without the barrier XLA fuses the elementwise producers of x and dy (BatchNorm's
+  # backward) into the transposes below, which then read six inputs in a cache-hostile
+  # order: a plain unrolled ResNet-56 step took 1635 ms with the fusion, 1220 without
+  # (jax 0.12); steps of rolled stages and of skipped blocks were unchanged.
+  x, dy = lax.optimization_barrier((x, dy))
+  chunk = batch_chunk(x.shape[0])
+  parts = [_kernel_gradient(x[i:i + chunk], dy[i:i + chunk], kernel_shape, strides, pads,
+                            precision) for i in range(0, x.shape[0], chunk)]
+  return functools.reduce(lambda a, b: a + b, parts)
+
+
+MIN_CHUNK = 16
+
+
+def batch_chunk(batch: int) -> int:
+  """The smallest divisor of `batch` of at least MIN_CHUNK examples (or `batch`)."""
+  return next((c for c in range(MIN_CHUNK, batch) if batch % c == 0), batch)
+
+
+def _kernel_gradient(x, dy, kernel_shape, strides, pads, precision):
+  """conv(x^T, dy^T) with kernel dilation s, batch and channels of x swapped."""
   ndim = x.ndim
   spatial = tuple(range(1, ndim - 1))
   lhs = lax.transpose(x, (ndim - 1,) + spatial + (0,))          # (C, n..., B)
