@@ -14,22 +14,23 @@ The CPU choices are measured on 2 cores (Xeon, AVX-512), float32, batch 128, one
 train step (forward, backward, Nesterov SGD), variants interleaved in one process, medians
 of 5-7 repetitions, jax 0.12.0.1 (Python 3.12) / jax 0.10.2 (Python 3.11); "rolled" is a
 `lax.scan` over a stage's blocks, "unrolled" the same scan fully unrolled; SD is linear
-decay to p_L = 0.5:
+decay to p_L = 0.5; all with `sdnet.conv`'s convolutions (`python -m benchmarks.train_step`
+measures the defaults):
 
-  ms per step                      ResNet-56 (0.12 / 0.10)    ResNet-110 (0.12 / 0.10)
-  plain, rolled                     1862 / 2561                3540 / 4672
-  plain, unrolled                   1945 / 2683                5701 / 6914
-  SD, cond per block, rolled        1585 / 2132                2953 / 4118
-  SD, cond per block, unrolled      1369 / 1889  (0.74/0.74)   2612 / 3726  (0.74/0.80)
-  SD, compact, rolled               1631 / 2034                2943 / 4018
-  SD, compact, unrolled             1457 / 1874                2908 / 3757
-  SD, mask, rolled                  1886 / 2536                   -
+  ms per step                      ResNet-56 (0.12 / 0.10)    ResNet-110 (0.12)
+  plain, rolled                     1519 / 1495                2871  (compile  6 s)
+  plain, unrolled                   1158 / 1953                2638  (compile 28 s)
+  SD, cond per block, rolled        1470 / 1620                2853
+  SD, cond per block, unrolled      1161 / 1330                2294
+  SD, compact, rolled               1421 / 1541                  -
+  SD, compact, unrolled             1327 / 1305                  -
+  SD, mask, rolled                  1628 / 1626                  -
 
-all with `sdnet.conv`'s convolutions. With `lax`'s, a conditional or loop around a
-convolution costs tens of times the convolution (jax #12868, `sdnet.conv`): the SD cond
-step of ResNet-20 took ~30 s against 0.6 s plain. The GPU and TPU choices are reasoned,
-not measured: `benchmarks/suite.py` measures every method on the machine it runs on, and
-the README keeps its figures.
+With `lax`'s convolutions a conditional or loop around a convolution costs tens of times
+the convolution (jax #12868, `sdnet.conv`): the SD cond step of ResNet-20 took ~30 s
+against 0.6 s plain. The GPU and TPU choices are reasoned, not measured:
+`benchmarks/suite.py` measures every method on the machine it runs on, and the README
+keeps its figures.
 """
 
 from __future__ import annotations
@@ -79,15 +80,18 @@ def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:
 
 def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:
   """`lax.scan` unroll for `length` same-shape blocks under `scan_unroll="auto"`;
-  `gated`: a traced gate decides whether each block runs.
+  `gated`: a traced gate decides whether each block runs (cond, compaction; a masked
+  block always runs, so its stage counts as plain).
 
-  CPU: plain stages roll (measured: faster than unrolled, 3540 against 5701 ms at
-  ResNet-110, and 3-6x quicker to compile); gated stages of up to 64 blocks unroll
-  (measured: 0.88-0.89 of the rolled step's time at ResNet-56 and -110). Elsewhere, or
-  with remat: a real loop (unrolled, XLA merges the recomputation with the forward pass
-  and remat saves no memory: measured).
+  CPU (module table): gated stages of up to 64 blocks unroll (0.79-0.82 of the rolled
+  step's time at ResNet-56 and -110). Plain stages of up to 18 blocks unroll on jax >= 0.12
+  (0.76 of the rolled step at ResNet-56, 0.92 at ResNet-110, compiling 2-4x longer) and roll
+  on older jax (unrolled: 1.31x the rolled step at ResNet-56); longer plain stages roll.
+  Elsewhere, or with remat: a real loop (unrolled, XLA merges the recomputation with the
+  forward pass and remat saves no memory: measured).
   """
   if remat or platform() != "cpu":
     return 1
-  return True if gated and length <= 64 else 1
-
+  if gated:
+    return True if length <= 64 else 1
+  return True if length <= 18 and jax.__version_info__ >= (0, 12) else 1

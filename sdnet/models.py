@@ -335,7 +335,8 @@ class ResNet(nn.Module):
     for lo, hi in _runs(gated):
       run_variables = jax.tree.map(lambda a: a[lo:hi], variables)  # pylint: disable=cell-var-from-loop
       run_xs = {"prob": xs["prob"][lo:hi]} if scaled[lo:hi].any() else {}
-      unroll = self._unroll(hi - lo, gated=bool(gated[lo]))
+      # A masked block always runs: its stage unrolls like a plain one.
+      unroll = self._unroll(hi - lo, gated=bool(gated[lo]) and self.stage_skip() != "mask")
       if not gated[lo]:
         x, stats = scan_run(x, run_variables, run_xs, unroll)
       elif self.stage_skip() == "compact":
