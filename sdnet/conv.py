@@ -89,8 +89,28 @@ def _conv_fwd(x, kernel, strides, pads, precision):
 
 def _conv_bwd(strides, pads, precision, residuals, dy):
   x, kernel = residuals
-  return (input_gradient(dy, kernel, x.shape, strides, pads, precision),
-          kernel_gradient(x, dy, kernel.shape, strides, pads, precision))
+  return (_summed_like(input_gradient(dy, kernel, x.shape, strides, pads, precision), x),
+          _summed_like(kernel_gradient(x, dy, kernel.shape, strides, pads, precision),
+                       kernel))
+
+
+def _summed_like(cotangent, primal):
+  """Under `shard_map`, the cotangent of an input that is the same on every device (a
+  replicated kernel) is the sum of the devices' cotangents: psum over the mesh axes the
+  cotangent varies along and the input does not, as JAX's transpose of `pvary` does for
+  lax's convolution. Elsewhere the cotangent itself."""
+  extra = sorted(_varying_axes(cotangent) - _varying_axes(primal))
+  return lax.psum(cotangent, tuple(extra)) if extra else cotangent
+
+
+def _varying_axes(value) -> set:
+  """The manual mesh axes `value` varies along (empty outside shard_map)."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:
+    return set()
+  aval = typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)  # newer jax
+  return set(manual.varying) if manual is not None else set(getattr(aval, "vma", ()))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

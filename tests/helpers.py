@@ -60,3 +60,15 @@ def abstract_train_loss(model, image_size=32, batch=2):
                             key=key, mutable=["batch_stats"])
     return logits.sum()
   return loss, (v["params"], v["batch_stats"], jax.random.key(0))
+
+
+def gradient_step(model, variables, x, key, mean=lambda grads: grads, scale=1.0):
+  """(logits, gradients of scale * mean(logits^2), new BatchNorm statistics) of one
+  training call of `model` with gates from `key`; `mean` averages the gradients over
+  devices."""
+  def loss(params):
+    logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                x, train=True, key=key, mutable=["batch_stats"])
+    return scale * jnp.mean(logits ** 2), (logits, state["batch_stats"])
+  grads, (logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+  return logits, mean(grads), stats

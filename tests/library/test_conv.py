@@ -86,6 +86,25 @@ def test_gradients_under_pmap_equal_lax():
                              grads(lax.conv_general_dilated), rtol=1e-5, atol=1e-4)
 
 
+def test_gradients_under_shard_map_equal_lax():
+  # A kernel replicated over the mesh gets the devices' summed gradient, as with lax.
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is None:  # older jax
+    from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  x, w, dy = random_case((8, 16, 16, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1)))
+
+  def grads(conv_fn):
+    per_device = lambda x, w, dy: value_and_grads(conv_fn, x, w, (2, 2), ((1, 1), (1, 1)),
+                                                  dy)[1]
+    return jax.jit(shard_map(per_device, mesh=mesh, in_specs=(P("d"), P(), P("d")),
+                             out_specs=(P("d"), P())))(x, w, dy)
+
+  helpers.assert_trees_close(grads(conv.conv_general_dilated),
+                             grads(lax.conv_general_dilated), rtol=1e-5, atol=1e-4)
+
+
 def test_bfloat16_gradients_keep_the_input_dtypes():
   x, w, dy = random_case(*CASES[1])
   x, w, dy = (a.astype(jnp.bfloat16) for a in (x, w, dy))

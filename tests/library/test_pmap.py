@@ -2,7 +2,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,20 +18,13 @@ def test_pmap_with_cross_replica_batchnorm_and_a_replicated_gate_key(skip):
   v = single.init(jax.random.key(0), x)
   key = jax.random.key(5)
 
-  def step(model, variables, x, key, pmean):
-    def loss(params):
-      logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                  x, train=True, key=key, mutable=["batch_stats"])
-      return jnp.mean(logits ** 2), (logits, state["batch_stats"])
-    grads, (logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
-    return logits, pmean(grads), stats
-
   pmapped = jax.pmap(
-      functools.partial(step, parallel, pmean=lambda g: jax.lax.pmean(g, "batch")),
+      functools.partial(helpers.gradient_step, parallel,
+                        mean=lambda g: jax.lax.pmean(g, "batch")),
       axis_name="batch", in_axes=(None, 0, None))
   logits, grads, stats = pmapped(v, x.reshape(4, 4, 16, 16, 3), key)
   ref_logits, ref_grads, ref_stats = jax.jit(
-      functools.partial(step, single, pmean=lambda g: g))(v, x, key)
+      functools.partial(helpers.gradient_step, single))(v, x, key)
 
   # Same key on every device => same gates => identical to one device on the full batch.
   np.testing.assert_allclose(logits.reshape(16, 10), ref_logits, rtol=1e-4, atol=1e-5)
