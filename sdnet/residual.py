@@ -75,7 +75,8 @@ class StochasticResidual(nn.Module):
   Call with `train`, the block's `survival_prob` p_l (a Python float or a scalar array,
   e.g. inside `nn.scan`), and in training either `gate` (bool scalar, or (batch,) in row
   mode) or `key` (a PRNG key to draw it). With neither, training requires p_l == 1.
-  At evaluation a closed `gate` drops the block too, to run a chosen sub-network.
+  At evaluation a closed `gate` drops the block too, to run a chosen sub-network; a `key`
+  is refused there (it would drop at random and scale).
   """
   branch: nn.Module
   shortcut: Callable[[jax.Array], jax.Array] | None = None
@@ -95,6 +96,9 @@ class StochasticResidual(nn.Module):
     residual = self.shortcut(x) if self.shortcut is not None else x
     scale = branch_scale(survival_prob, train, self.scaling)
     if key is not None:
+      if not train:
+        raise ValueError("key= draws a training gate; at evaluation the block runs with "
+                         "its branch scaled by p_l. Pass gate=False to evaluate without it.")
       if gate is not None:
         raise ValueError("pass either key= or gate=, not both.")
       gate = gates_lib.draw(key, jnp.reshape(survival_prob, (1,)), self.mode,

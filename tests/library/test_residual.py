@@ -148,3 +148,10 @@ def test_bad_options_and_missing_gate_fail_clearly():
     StochasticResidual(DenseBN(True), skip="compact")
   with pytest.raises(ValueError, match="needs gate= or key="):
     Net(True).apply(init(), X, 0.5, mutable=["batch_stats"])
+
+
+def test_evaluation_refuses_a_key():
+  # With a key, evaluation would drop the block at random and also scale it by p_l.
+  v = init()
+  with pytest.raises(ValueError, match="at evaluation the block runs with its branch"):
+    Net(False).apply(v, X, 0.5, key=jax.random.key(3))
