@@ -3,19 +3,23 @@
 from absl import flags
 import numpy as np
 
-flags.DEFINE_bool("small", False, "ResNet-8 at batch 8: a CPU check of the script.")
-flags.DEFINE_integer("repeats", 7, "Interleaved repetitions per variant.")
-flags.DEFINE_integer("calls", 5, "Timed calls per repetition.")
-flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
-flags.DEFINE_float("p_last", 0.5, "p_L of the stochastic-depth variants.")
-flags.DEFINE_string("out", "", "Write the rows as JSON here.")
+
+def define_flags():
+  """The flags of both timing programs (`train_step`, `torch_reference`), defined by them
+  when they start: importing this module defines nothing."""
+  flags.DEFINE_bool("small", False, "ResNet-8 at batch 8: a CPU check of the script.")
+  flags.DEFINE_integer("repeats", 7, "Interleaved repetitions per variant.")
+  flags.DEFINE_integer("calls", 5, "Timed calls per repetition.")
+  flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
+  flags.DEFINE_float("p_last", 0.5, "p_L of the stochastic-depth variants.")
+  flags.DEFINE_string("out", "", "Write the rows as JSON here.")
 
 
-def cases():
-  """(depth, batch) pairs to time, from --cases (or ResNet-8 at batch 8 with --small)."""
-  if flags.FLAGS.small:
+def cases(specs, small=False):
+  """(depth, batch) pairs from "depth:batch" `specs` (ResNet-8 at batch 8 if `small`)."""
+  if small:
     return [(8, 8)]
-  return [tuple(int(v) for v in case.split(":")) for case in flags.FLAGS.cases]
+  return [tuple(int(v) for v in spec.split(":")) for spec in specs]
 
 
 def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib):

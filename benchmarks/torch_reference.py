@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from benchmarks import common
 
 FLAGS = flags.FLAGS
+common.define_flags()
 
 
 class Block(nn.Module):
@@ -119,7 +120,7 @@ def main(argv):
   if device.type == "cpu":
     print("CPU: these figures say nothing about accelerator speed.")
   rows = []
-  for depth, batch in common.cases():
+  for depth, batch in common.cases(FLAGS.cases, FLAGS.small):
     variants = {"torch full": make_variant(depth, batch, 1.0, device),
                 "torch SD if": make_variant(depth, batch, FLAGS.p_last, device)}
     for variant in variants.values():  # warm-up: cuDNN autotuning, allocator

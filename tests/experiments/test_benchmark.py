@@ -1,19 +1,26 @@
 """The benchmark times the training loop's own step."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import pytest
 
-from benchmarks import train_step
+from benchmarks import common
+from benchmarks import settings
+from benchmarks import timing
 from experiments.lib import steps
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
+
+@pytest.mark.e2e
 def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
-  flags.FLAGS(["benchmark"], known_only=True)
   out = tmp_path / "bench.json"
-  with flagsaver.flagsaver(small=True, out=str(out), repeats=1, calls=1):
-    train_step.main([])
+  subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--small", "--repeats=1",
+                  "--calls=1", f"--out={out}"], cwd=REPO, check=True, capture_output=True,
+                 env={**os.environ, "XLA_FLAGS": ""})
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == ["constant", "SD auto", "SD cond", "SD mask",
                                           "SD compact", "SD open", "SD closed"]
@@ -23,15 +30,11 @@ def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
     assert r["memory_gib"] > 0
 
 
-def test_compile_only_reports_memory_that_remat_lowers(tmp_path):
-  flags.FLAGS(["benchmark"], known_only=True)
+def test_compile_only_reports_memory_that_remat_lowers():
   memory = {}
   for remat in (False, True):
-    out = tmp_path / f"remat{remat}.json"
-    with flagsaver.flagsaver(small=False, cases=["20:64"], out=str(out), compile_only=True,
-                             remat=remat, skips=["compact"]):
-      train_step.main([])
-    rows = json.loads(out.read_text())["rows"]
+    rows = timing.measure(common.cases(["20:64"]), compile_only=True, remat=remat,
+                          skips=["compact"], forced_gates=False)
     assert all(r["median_ms"] is None and r["compile_s"] > 0 for r in rows)
     memory[remat] = [r["memory_gib"] for r in rows]
   assert all(m_remat < m for m, m_remat in zip(memory[False], memory[True])), memory
@@ -39,7 +42,6 @@ def test_compile_only_reports_memory_that_remat_lowers(tmp_path):
 
 def test_suite_runs_each_setting_in_its_own_process_and_merges_the_rows(tmp_path,
                                                                         monkeypatch):
-  from benchmarks import common, suite
   calls = []
 
   def fake_run(argv, env, check):
@@ -54,11 +56,8 @@ def test_suite_runs_each_setting_in_its_own_process_and_merges_the_rows(tmp_path
         json.dump({"jax": "x", "rows": rows}, f)
     return type("Done", (), {"returncode": 1 if failed else 0})()
 
-  monkeypatch.setattr(suite.subprocess, "run", fake_run)
-  flags.FLAGS(["suite"], known_only=True)
-  with flagsaver.flagsaver(out_dir=str(tmp_path), settings=["x20", "cmdbuf_x20", "bf16_x20"],
-                           small=False, extra=["--repeats=9"]):
-    suite.main([])
+  monkeypatch.setattr(settings.subprocess, "run", fake_run)
+  settings.run_all(["x20", "cmdbuf_x20", "bf16_x20"], str(tmp_path), extra=["--repeats=9"])
   assert len(calls) == 3
   (x20, x20_env), (cmdbuf, cmdbuf_env), _ = calls
   assert "--steps_per_call=20" in x20 and "--repeats=9" in x20
@@ -71,13 +70,10 @@ def test_suite_runs_each_setting_in_its_own_process_and_merges_the_rows(tmp_path
   assert abs(merged["rows"][1]["ratio_to_constant"] - 0.8) < 1e-9
 
 
-def test_suite_rejects_an_unknown_setting_before_running_anything():
-  from absl import app
-  from benchmarks import suite
-  flags.FLAGS(["suite"], known_only=True)
-  with flagsaver.flagsaver(settings=["x20", "fast"]):
-    with pytest.raises(app.UsageError, match="unknown settings \\['fast'\\]"):
-      suite.main([])
+def test_suite_rejects_an_unknown_setting_before_running_anything(tmp_path, monkeypatch):
+  monkeypatch.setattr(settings.subprocess, "run", lambda *a, **k: pytest.fail("ran"))
+  with pytest.raises(ValueError, match="unknown settings \\['fast'\\]"):
+    settings.run_all(["x20", "fast"], str(tmp_path))
 
 
 def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_path,
@@ -92,11 +88,18 @@ def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_
     return original(*args, **kwargs)
 
   monkeypatch.setattr(steps, "make_train_step", recording_builder)
-  flags.FLAGS(["benchmark"], known_only=True)
-  with flagsaver.flagsaver(small=True, out="", repeats=1, calls=1, skips=["mask"],
-                           forced_gates=False, compile_only=True):
-    train_step.main([])
+  timing.measure(common.cases([], small=True), skips=["mask"], forced_gates=False,
+                 compile_only=True)
   assert len(built) == 2  # constant depth and SD mask
   loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
                           dataset=tiny_dataset())
   assert len(built) == 3
+
+
+def test_input_pipeline_rate_counts_every_image_it_moved():
+  from tests.experiments.test_training import tiny_config, tiny_dataset
+  config = tiny_config(steps_per_call=2)  # batch 8 over the 4 test devices, 2 steps/call
+  ticks = iter([0.0, 2.0])
+  rate = timing.input_images_per_s(tiny_dataset().train, config, calls=3,
+                                   clock=lambda: next(ticks))
+  assert rate == 3 * 2 * 8 / 2.0

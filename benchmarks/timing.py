@@ -1,0 +1,139 @@
+"""The experiments' compiled train step as the benchmarks time it (`benchmarks.train_step`).
+
+`measure` builds, for each (depth, batch), constant depth and stochastic depth per skip
+method with the one builder the training loop uses (`experiments.lib.steps`), compiles
+them ahead of time, times them interleaved (every repetition runs each variant once in
+turn, so drifting clocks hit all of them alike) and returns one `common.row` per variant.
+`input_images_per_s` times the input pipeline alone (`benchmarks.input_pipeline`).
+"""
+
+import time
+
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from experiments.configs import default
+from experiments.lib import data as data_lib
+from experiments.lib import steps
+
+
+class ForcedGates:
+  """`model` whose training gates are all open (or all closed), drawn from the step's key
+  as Bernoulli(1) (or Bernoulli(0)) draws: traced values, so the compiled program keeps
+  every conditional of a stochastic network and XLA cannot fold them away."""
+
+  def __init__(self, model, is_open: bool):
+    self.model, self.is_open = model, is_open
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, x, train=False, *, key=None, **kwargs):
+    if not train:
+      return self.model.apply(variables, x, **kwargs)
+    gates = jax.random.bernoulli(key, float(self.is_open), (self.model.num_blocks,))
+    return self.model.apply(variables, x, train=True, gates=gates, **kwargs)
+
+
+def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
+                 remat=False, forced_gates=None, compile_only=False):
+  """A compiled step function and its donated state, as the experiments build them
+  (`forced_gates`: True/False forces every gate open/closed, see ForcedGates)."""
+  config = default.get_config()
+  config.model.depth, config.batch_size = depth, batch
+  config.survival.p_last, config.skip = p_last, skip
+  config.dtype, config.remat = dtype, remat
+  devices = jax.local_device_count()
+  model = steps.build_model(config, 10)
+  if forced_gates is not None:
+    model = ForcedGates(model, forced_gates)
+  tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, 390))
+  make_state = lambda: jax_utils.replicate(jax.device_get(
+      steps.create_train_state(model, tx, (32, 32, 3), 0)))
+  pmapped = steps.make_train_step(model, tx, seed=0, mean_image=jnp.full((32, 32, 3), 120.0),
+                                  std=64.0, augment=True)
+  shape = (devices, steps_per_call, batch // devices)
+  data = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
+          "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
+  metrics = jax.eval_shape(lambda: jax_utils.replicate(steps.empty_metrics()))
+  state = jax.eval_shape(make_state)
+  step, compile_s = steps.compile_ahead(pmapped, state, data, metrics)
+  variant = {"fn": step, "times": [], "compile_s": compile_s,
+             "memory_gib": program_memory_gib(step)}
+  if compile_only:
+    return variant
+  rng = np.random.default_rng(0)
+  variant["data"] = jax.tree.map(jax.device_put, {
+      "images": rng.integers(0, 256, data["images"].shape, dtype=np.uint8),
+      "labels": rng.integers(0, 10, data["labels"].shape, dtype=np.int32)})
+  variant["state"] = make_state()
+  variant["metrics"] = jax_utils.replicate(steps.empty_metrics())
+  run_variant(variant, 1, 1)  # warm-up
+  return variant
+
+
+def program_memory_gib(compiled):
+  """Device memory one call of `compiled` needs, per device (None if XLA won't say)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes -
+           m.alias_size_in_bytes)
+  return total / 2**30
+
+
+def run_variant(variant, calls, steps_per_call):
+  state, metrics = variant["state"], variant["metrics"]
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(calls):
+    state, metrics = variant["fn"](state, variant["data"], metrics)
+  jax.block_until_ready(state)
+  variant["state"], variant["metrics"] = state, metrics
+  return (time.perf_counter() - start) / (calls * steps_per_call)
+
+
+def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
+            forced_gates=True, repeats=7, calls=5, steps_per_call=1, dtype="float32",
+            remat=False, compile_only=False):
+  """The rows of every variant of every (depth, batch) in `cases` (module doc): "constant"
+  (p_L = 1), "SD <skip>" for each of `skips`, and with `forced_gates` "SD open" and
+  "SD closed" (skip "auto", every gate forced, `ForcedGates`)."""
+  rows = []
+  for depth, batch in cases:
+    make = lambda p, skip, **kw: make_variant(
+        depth, batch, p, skip, steps_per_call, dtype=dtype, remat=remat,
+        compile_only=compile_only, **kw)
+    variants = {"constant": make(1.0, "auto")}
+    for skip in skips:
+      variants[f"SD {skip}"] = make(p_last, skip)
+    if forced_gates:
+      for name, is_open in (("SD open", True), ("SD closed", False)):
+        variants[name] = make(p_last, "auto", forced_gates=is_open)
+    for _ in range(0 if compile_only else repeats):
+      for variant in variants.values():
+        variant["times"].append(run_variant(variant, calls, steps_per_call))
+    base = np.median(variants["constant"]["times"] or [np.nan])
+    for name, variant in variants.items():
+      rows.append(common.row(depth, batch, name, variant["times"], base,
+                             variant["compile_s"], variant["memory_gib"]))
+  return rows
+
+
+def input_images_per_s(split: data_lib.Split, config, calls: int, clock=time.perf_counter):
+  """Images per second of `calls` calls' batches of `split`, gathered and on the devices."""
+  chunks = [max(1, config.steps_per_call)] * calls
+  batches = data_lib.train_batches(split, config.seed, config.batch_size, 0, chunks,
+                                   jax.local_device_count(), jax.process_index(),
+                                   jax.process_count())
+  images, start = 0, clock()
+  for batch in jax_utils.prefetch_to_device(batches, 2):
+    jax.block_until_ready(batch)
+    images += batch["labels"].size
+  return images * jax.process_count() / (clock() - start)
