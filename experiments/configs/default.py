@@ -48,3 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.halt_after_steps = 0  # stop early (e.g. to test resuming); 0: run to the end
   config.seed = 0
   return config
+
+
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """`config` with `values` set, keys in dotted form ("model.depth"); returns it."""
+  for dotted, value in values.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
