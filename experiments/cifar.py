@@ -1,12 +1,14 @@
 r"""Trains a ResNet with stochastic depth on CIFAR-10/100, SVHN or an image folder.
 
-  python -m experiments.cifar --config=experiments/configs/cifar10_sd.py \
+  python -m experiments.cifar --config=experiments/configs/paper.py:cifar10 \
       --workdir=runs/cifar10_sd [--config.survival.p_last=0.8 ...]
 
 Started again with the same --workdir, a run resumes from its newest good checkpoint.
 Exit status: 0 done (or halted as asked), 2 a problem to fix (printed in one line),
-3 training diverged, 75 stopped by SIGTERM/SIGINT or preemption after saving a
-checkpoint (run the same command to continue), 4 (several processes) a computation
+3 training diverged, 5 a fault of the filesystem (no space, read-only, no permission:
+printed in one line; the checkpoints kept are good), 75 stopped by SIGTERM/SIGINT or
+preemption after saving a checkpoint (run the same command to continue), 4 (several
+processes) a computation
 shared with the other processes failed, e.g. because one of them died: start every
 process again to resume from the newest checkpoint.
 """
@@ -21,10 +23,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from experiments.lib import command_line
 from experiments.lib import errors
 from experiments.lib import loop
 from experiments.lib import multihost
-from experiments.lib import reporting
+from experiments.lib import writer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -52,7 +55,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reporting.quiet_libraries(not FLAGS.library_logs)
+  writer.quiet_libraries(not FLAGS.library_logs)
   try:
     multihost.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id,
@@ -65,6 +68,9 @@ def main(argv):
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     exit_alone(2)
+  except OSError as e:
+    print(f"error: {errors.filesystem_message(e)}", file=sys.stderr)
+    exit_alone(errors.FILESYSTEM_EXIT_CODE)
   except (errors.Diverged, errors.Preempted) as e:
     # Every process raises these at the same step: they leave together.
     logging.error("%s", e)
@@ -98,4 +104,4 @@ def exit_alone(status: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -19,9 +19,11 @@ from absl import app
 from absl import flags
 
 from experiments.lib import errors
-from experiments.lib import figures
+from experiments.lib import tables
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Directory (local or gs://) for REPORT.md and figures.")
+flags.mark_flag_as_required("out")
 
 
 def report(run_dirs: list[str], out: str) -> int:
@@ -31,7 +33,7 @@ def report(run_dirs: list[str], out: str) -> int:
     The exit status: 0 written, 2 a problem to fix.
   """
   try:
-    path, warnings = figures.write_report(run_dirs, out)
+    path, warnings = tables.write_report(run_dirs, out)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -47,13 +49,5 @@ def main(argv):
   sys.exit(report(argv[1:], FLAGS.out))
 
 
-def define_flags() -> None:
-  """--out, defined only when this module is the program: benchmarks/ define an --out
-  of their own, and a test process may import both."""
-  flags.DEFINE_string("out", None, "Directory (local or gs://) for REPORT.md and figures.")
-  flags.mark_flag_as_required("out")
-
-
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,24 @@ class Dataset:
   std: float  # one global scalar std of the training images
   augment: bool
   name: str
+  class_names: tuple[str, ...] | None = None  # folder datasets: label i is class_names[i]
+
+  def identity(self) -> dict:
+    """What a model trained on this data depends on: the class names and their order
+    (where known), image shape, example counts, and a fingerprint of every image and
+    label (so other files, or the same files with other labels, differ)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in (self.train, self.validation, self.test):
+      if split is not None:
+        for array in (split.images, split.labels):
+          digest.update(str((array.shape, array.dtype)).encode())
+          digest.update(np.ascontiguousarray(array).data)
+    return {"name": self.name, "num_classes": self.num_classes,
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "image_shape": list(self.train.images.shape[1:]),
+            "examples": {"train": len(self.train), "validation": len(self.validation),
+                         "test": None if self.test is None else len(self.test)},
+            "fingerprint": digest.hexdigest()}
 
   def describe(self) -> str:
     test = f"{len(self.test)} test" if self.test is not None else "no test split"
@@ -84,7 +103,7 @@ def holdout_per_class(split: Split, per_class: int, seed: int) -> tuple[Split, S
     members = np.flatnonzero(split.labels == c)
     if len(members) <= per_class:
       raise errors.UserError(f"class {c} has {len(members)} examples, cannot hold out "
-                       f"{per_class} for validation.")
+                             f"{per_class} for validation.")
     val.append(rng.choice(members, per_class, replace=False))
   val = np.sort(np.concatenate(val))
   train = np.setdiff1d(np.arange(len(split)), val)
@@ -114,9 +133,10 @@ def normalisation(images: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def finish(name: str, train: Split, validation: Split, test: Split | None,
-           num_classes: int, augment: bool) -> Dataset:
+           num_classes: int, augment: bool, class_names=None) -> Dataset:
   mean, std = normalisation(train.images)
-  return Dataset(train, validation, test, num_classes, mean, std, augment, name)
+  return Dataset(train, validation, test, num_classes, mean, std, augment, name,
+                 None if class_names is None else tuple(class_names))
 
 
 # ------------------------------------------------------------------------------ sources
@@ -144,12 +164,13 @@ def load(name: str, data_dir: str | None = None, seed: int = 0,
                   False if augment is None else augment)
   if name == "folder":
     if not data_dir:
-      raise errors.UserError("dataset 'folder' needs data_dir=ROOT holding ROOT/train/<class>/"
-                       "*.jpg|png (and optionally ROOT/test/<class>/...).")
+      raise errors.UserError("dataset 'folder' needs data_dir=ROOT holding "
+                             "ROOT/train/<class>/*.jpg|png (and optionally "
+                             "ROOT/test/<class>/...).")
     train_full, test, classes = load_image_folder(data_dir)
     train, val = holdout_random(train_full, validation_size, seed)
     return finish(f"folder:{os.path.basename(os.path.normpath(data_dir))}", train, val,
-                  test, len(classes), True if augment is None else augment)
+                  test, len(classes), True if augment is None else augment, classes)
   if name == "synthetic":
     full = synthetic(seed=1234)
     train, val = holdout_random(Split(full.images[:3000], full.labels[:3000]),
@@ -294,7 +315,7 @@ def steps_per_epoch(num_train: int, global_batch: int) -> int:
     raise errors.UserError(f"batch_size must be >= 1, got {global_batch}.")
   if num_train < global_batch:
     raise errors.UserError(f"the training set ({num_train}) is smaller than one batch "
-                     f"({global_batch}).")
+                           f"({global_batch}).")
   return num_train // global_batch
 
 

@@ -1,8 +1,30 @@
 """Failures a user can fix, and the ends of a run that are not success.
 
-The command line prints a `UserError` as one line and no traceback (and exits 2); any
-other exception is a bug and keeps its traceback.
+The command line prints a `UserError` as one line and no traceback (and exits 2), a
+fault of the filesystem likewise (`filesystem_message`, exit 5); any other exception is a
+bug and keeps its traceback.
 """
+
+import errno
+
+FILESYSTEM_EXIT_CODE = 5
+
+_FILESYSTEM_FIXES = {
+    errno.ENOSPC: "free some space (or give another --workdir)",
+    errno.EDQUOT: "free some space (or give another --workdir)",
+    errno.EROFS: "the filesystem is read-only: give another --workdir",
+    errno.EACCES: "make it writable for this user, or give another --workdir",
+    errno.EPERM: "make it writable for this user, or give another --workdir",
+    errno.ENOENT: "it vanished while the run used it: restore it or give another --workdir",
+}
+
+
+def filesystem_message(error: OSError) -> str:
+  """One line for a fault of the filesystem: what failed, on which path, and the fix."""
+  path = f" ({error.filename})" if error.filename else ""
+  fix = _FILESYSTEM_FIXES.get(error.errno, "fix it")
+  return (f"{error.strerror or error}{path}: {fix}, then run the same command again "
+          "(it resumes from the newest good checkpoint).")
 
 
 class UserError(ValueError):

@@ -1,8 +1,9 @@
 """The training loop of the paper's protocol: train, evaluate, checkpoint, report.
 
 `train_and_evaluate(config, workdir)` runs one config in one workdir, resuming from the
-workdir's newest good checkpoint. The loop asks one `Plan` what happens after each call
-(log, evaluate, checkpoint, stop); everything else is a function of its own.
+workdir's newest good checkpoint. The state of the run is one `Training` object whose
+methods are its events; the loop asks one `Plan` what happens after each call (log,
+evaluate, checkpoint, stop).
 
 What survives faults (each tested):
 - SIGTERM/SIGINT (or a preemption notice on any host): a checkpoint at the next step
@@ -10,7 +11,10 @@ What survives faults (each tested):
 - A non-finite loss or gradient: `errors.Diverged` (exit 3) naming the first bad step;
   nothing non-finite is saved as a checkpoint or as `best/`.
 - A damaged checkpoint: reported and set aside; the next older one is used.
-- A restart with different training-relevant settings: refused, naming the fields.
+- A restart with different training-relevant settings, or other data: refused, naming
+  the fields; processes of one run with different settings or data: refused, naming
+  the processes.
+- A stop after the last checkpoint: the restart writes the results from it.
 - A second process on the same workdir: refused, naming the holder.
 """
 
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -37,9 +42,9 @@ from experiments.lib import checkpoint as checkpoint_lib
 from experiments.lib import data as data_lib
 from experiments.lib import errors
 from experiments.lib import multihost
-from experiments.lib import reporting
 from experiments.lib import steps as steps_lib
 from experiments.lib import workdir as workdir_lib
+from experiments.lib import writer
 from sdnet import models
 from sdnet import survival as survival_lib
 
@@ -112,7 +117,7 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int) -> Plan:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails before anything long starts on settings that cannot work."""
-  devices, processes = jax.device_count(), jax.process_count()
+  devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     value = config[name]
     if not isinstance(value, int) or value < 1:
@@ -123,6 +128,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f"{devices} (e.g. --config.{name}={devices * max(1, value // devices)}).")
   if config.epochs <= 0:
     raise errors.UserError(f"epochs must be positive, got {config.epochs}.")
+  ranges = {  # name: (lowest, highest, whether the lowest is allowed)
+      "learning_rate": (0.0, math.inf, False), "warmup_learning_rate": (0.0, math.inf, False),
+      "lr_drop_factor": (0.0, 1.0, False), "momentum": (0.0, 1.0, True),
+      "weight_decay": (0.0, 1.0, True), "warmup_epochs": (0.0, config.epochs, True)}
+  for name, (low, high, low_allowed) in ranges.items():
+    value = config[name]
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and (low <= value if low_allowed else low < value) and value <= high):
+      raise errors.UserError(
+          f"{name} must be a finite number in {'[' if low_allowed else '('}{low:g}, "
+          f"{high:g}{')' if math.isinf(high) else ']'}, got {value!r}.")
   if any(not 0 < f < 1 for f in config.lr_drop_fractions):
     raise errors.UserError(
         f"lr_drop_fractions must lie in (0, 1), got {config.lr_drop_fractions}.")
@@ -133,7 +149,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                "halt_after_steps", "steps_per_call"):
     if config[name] < 0:
       raise errors.UserError(f"{name} must be >= 0, got {config[name]}.")
-  del processes
 
 
 def build_model(config, num_classes: int, axis_name: str | None = steps_lib.AXIS):
@@ -144,10 +159,8 @@ def build_model(config, num_classes: int, axis_name: str | None = steps_lib.AXIS
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  dataset = data_lib.load(config.dataset, config.data_dir or None, seed=config.seed,
-                          validation_size=config.validation_size, augment=config.augment)
-  data_lib.check(dataset)
-  return dataset
+  return data_lib.load(config.dataset, config.data_dir or None, seed=config.seed,
+                       validation_size=config.validation_size, augment=config.augment)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -161,30 +174,6 @@ def evaluate(p_eval, state, split: data_lib.Split, config) -> dict:
     sums = p_eval(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return steps_lib.summarize(jax.device_get(jax_utils.unreplicate(totals)))
-
-
-def evaluate_and_track_best(p_eval, state, dataset, config, best: dict, step: int
-                            ) -> tuple[dict, bool]:
-  """Validation (and test) metrics at `step`, and whether validation error improved.
-
-  `best` holds the best validation error so far, its step and the test error there
-  (the paper's reported number); it is updated in place.
-  """
-  val = evaluate(p_eval, state, dataset.validation, config)
-  record = {"validation/error": val["error"], "validation/loss": val["loss"]}
-  improved = best["validation_error"] is None or val["error"] < best["validation_error"]
-  test = None
-  if dataset.test is not None and (config.test_every_eval or improved):
-    test = evaluate(p_eval, state, dataset.test, config)
-    record.update({"test/error": test["error"], "test/loss": test["loss"]})
-  if improved:
-    best.update(validation_error=val["error"], step=int(step),
-                test_error=None if test is None else test["error"])
-  logging.info("step %d: validation error %s (best %s at step %d)%s", step,
-               reporting.percent(val["error"]), reporting.percent(best["validation_error"]),
-               best["step"], "" if test is None else
-               f", test error {reporting.percent(test['error'])}")
-  return record, improved
 
 
 # ---------------------------------------------------------------------------- timing
@@ -300,7 +289,45 @@ class StopRequest:
 
 
 @dataclasses.dataclass
-class Run:
+class Best:
+  """The best validation error so far, its step, and the test error there (the paper's
+  reported number)."""
+  validation_error: float | None = None
+  step: int | None = None
+  test_error: float | None = None
+
+
+@dataclasses.dataclass
+class Record:
+  """What a checkpoint carries besides the state: the run's config, its best validation
+  result, timing totals and the config changes it went through."""
+  config: dict
+  seed: int
+  best: Best = dataclasses.field(default_factory=Best)
+  timing: dict = dataclasses.field(default_factory=dict)
+  config_changes: list = dataclasses.field(default_factory=list)
+  data: dict | None = None  # the training data's identity (`data.Dataset.identity`)
+
+  @classmethod
+  def new(cls, config: ml_collections.ConfigDict, data: dict) -> Record:
+    return cls(workdir_lib.config_dict(config), config.seed, data=data)
+
+  @classmethod
+  def resumed(cls, config, data: dict, meta: dict, step: int, changes) -> Record:
+    """The record of a checkpoint's `meta`, for the current `config` and `data`
+    (`changes`: the fields that differ from the checkpoint's, allowed)."""
+    return cls(workdir_lib.config_dict(config), config.seed,
+               Best(**meta.get("best", {})), dict(meta.get("timing", {})),
+               list(meta.get("config_changes", [])) + [
+                   {"step": step, "field": f, "from": old, "to": new}
+                   for f, old, new in changes], data)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Outcome:
   """What `train_and_evaluate` produced: the results written and the final state."""
   results: dict
   state: Any
@@ -309,7 +336,7 @@ class Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: data_lib.Dataset | None = None, *,
                        allow_config_change: bool = False,
-                       clock: Callable[[], float] = time.perf_counter) -> Run:
+                       clock: Callable[[], float] = time.perf_counter) -> Outcome:
   """Trains `config` in `workdir`, resuming from its newest good checkpoint.
 
   Raises `errors.UserError` for problems the user can fix (before training starts),
@@ -324,109 +351,265 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # However the run ends, pending checkpoint writes complete before the lock is freed.
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(lock.release)
-    return _train_and_evaluate(config, path, dataset, allow_config_change, clock, cleanup)
+    run = Training(config, path, dataset, allow_config_change, clock, cleanup)
+    if run.start_step >= run.plan.stop_step:
+      return run.already_done()
+    # Signals are handled from compiling until the results are written: one while
+    # compiling stops the run after its first call, one after the last checkpoint lets
+    # it finish writing the results (seconds) and end as if it came later.
+    with StopRequest(run.checkpoints) as stop_requested:
+      run.compile()
+      for length, batch in zip(run.chunks, run.batches()):
+        run.train(length, batch)
+        events, stopping = run.plan.events(run.step), stop_requested(run.step)
+        if not (events or stopping):
+          continue
+        totals = run.sync()
+        run.check_finite(totals)
+        if events.log:
+          run.log(totals)
+        if events.evaluate and run.evaluate():
+          run.checkpoint(best=True)
+        if events.checkpoint or stopping:
+          run.checkpoint()
+        if stopping and not events.stop:
+          raise errors.Preempted(run.step)
+      return run.finish()
 
 
-def _train_and_evaluate(config, path, dataset, allow_config_change, clock, cleanup) -> Run:
-  dataset = dataset if dataset is not None else load_dataset(config)
-  data_lib.check(dataset, config.eval_batch_size)
-  logging.info("data: %s", dataset.describe())
-  if dataset.test is None:
-    logging.warning("no test split: reporting validation error only.")
-  model = build_model(config, dataset.num_classes)
-  plan = make_plan(config, len(dataset.train))
-  schedule = steps_lib.learning_rate_schedule(config, plan.steps_per_epoch)
-  tx = steps_lib.make_optimizer(config, schedule)
-  probs = model.survival_probs()
-  logging.info("model: %s-%d, %d blocks, expected depth %.2f, skip=%s; %d steps "
-               "(%d/epoch)", config.model.family, config.model.depth, model.num_blocks,
-               survival_lib.expected_depth(probs), model.stage_skip(), plan.total_steps,
-               plan.steps_per_epoch)
+class Training:
+  """One run of one config in one workdir: its data, model, plan, compiled steps,
+  checkpoints, writer, stopwatch and record; its methods are the run's events."""
 
-  checkpoints = cleanup.enter_context(checkpoint_lib.Checkpoints(path))
-  state = jax.device_get(steps_lib.create_train_state(
-      model, tx, dataset.train.images.shape[1:], config.seed))
-  record = new_record(config)
-  restored = resume(checkpoints, state, config, allow_config_change)
-  start_step = multihost.agree_on_start_step(restored[0] if restored else 0)
-  if restored:
-    _, state, record = restored
-    logging.info("resumed from step %d", start_step)
-    if start_step >= plan.stop_step:
-      return already_done(path, state, record, start_step)
-  watch = Stopwatch(record["timing"], clock)
-  reporter = cleanup.enter_context(reporting.Reporter(
-      path, enabled=jax.process_index() == 0, start_step=start_step))
-  if jax.process_index() == 0:
-    workdir_lib.write_text_atomic(path / "config.json",
-                                  json.dumps(record["config"], indent=2, sort_keys=True))
+  def __init__(self, config, path, dataset, allow_config_change, clock, cleanup):
+    self.config, self.path = config, path
+    self.dataset = dataset if dataset is not None else load_dataset(config)
+    data_lib.check(self.dataset, config.eval_batch_size)
+    logging.info("data: %s", self.dataset.describe())
+    data = self.dataset.identity()
+    # Every host trains the same thing (its data_dir may be a local copy of its own).
+    multihost.agree_on({**{f"setting {k}": v for k, v in workdir_lib.flatten(
+        workdir_lib.config_dict(config)).items() if k != "data_dir"},
+                        **{f"data {k}": v for k, v in data.items() if k != "name"}})
+    if self.dataset.test is None:
+      logging.warning("no test split: reporting validation error only.")
+    self.model = build_model(config, self.dataset.num_classes)
+    self.plan = make_plan(config, len(self.dataset.train))
+    self.schedule = steps_lib.learning_rate_schedule(config, self.plan.steps_per_epoch)
+    self.tx = steps_lib.make_optimizer(config, self.schedule)
+    probs = self.model.survival_probs()
+    logging.info("model: %s-%d, %d blocks, expected depth %.2f, skip=%s; %d steps "
+                 "(%d/epoch)", config.model.family, config.model.depth,
+                 self.model.num_blocks, survival_lib.expected_depth(probs),
+                 self.model.stage_skip() if min(probs) < 1 else "none (every p_l = 1)",
+                 self.plan.total_steps, self.plan.steps_per_epoch)
 
-  devices = jax.local_device_count()
-  p_train = steps_lib.make_train_step(model, tx, seed=config.seed,
-                                      mean_image=dataset.mean_image, std=dataset.std,
-                                      augment=dataset.augment)
-  p_eval = steps_lib.make_eval_step(build_model(config, dataset.num_classes, None),
-                                    mean_image=dataset.mean_image, std=dataset.std)
-  state = jax_utils.replicate(state)
-  metrics = jax_utils.replicate(steps_lib.empty_metrics())
-  chunks = plan.chunks(start_step)
-  with watch.measure("compile"):
-    compiled = compile_train_steps(p_train, state, metrics, set(chunks), dataset, config)
-    if jax.process_count() == 1:  # else compiled on first call (see compile_train_steps)
-      p_eval = steps_lib.compile_ahead(p_eval, state, next(data_lib.eval_batches(
-          dataset.validation, config.eval_batch_size, devices, jax.process_index(),
-          jax.process_count())))[0]
-  logging.info("compiled in %.1f s", watch.totals["compile_s"])
+    self.checkpoints = cleanup.enter_context(checkpoint_lib.Checkpoints(path))
+    state = jax.device_get(steps_lib.create_train_state(
+        self.model, self.tx, self.dataset.train.images.shape[1:], config.seed))
+    self.record = Record.new(config, data)
+    restored = resume(self.checkpoints, state, config, data, allow_config_change)
+    self.start_step = multihost.agree_on_start_step(restored[0] if restored else 0)
+    if restored:
+      _, state, self.record = restored
+      logging.info("resumed from step %d", self.start_step)
+    self.step = self._synced_step = self.start_step
+    self.state = state
+    self.last_evaluation: dict = {}
+    self.watch = Stopwatch(self.record.timing, clock)
+    self.writer = cleanup.enter_context(writer.RunWriter(
+        path, enabled=jax.process_index() == 0, start_step=self.start_step))
+    if jax.process_index() == 0:
+      workdir_lib.write_text_atomic(path / "config.json",
+                                    json.dumps(self.record.config, indent=2, sort_keys=True))
+    self.chunks = self.plan.chunks(self.start_step)
 
-  pipeline_rate = pipeline_images_per_s(dataset, config, devices)
-  logging.info("input pipeline alone: %.0f images/s", pipeline_rate)
-  batches = jax_utils.prefetch_to_device(data_lib.train_batches(
-      dataset.train, config.seed, config.batch_size, start_step, chunks, devices,
-      jax.process_index(), jax.process_count()), 2)
-  step, synced_step = start_step, start_step
-  watch.restart_train_clock()
-  with StopRequest(checkpoints) as stop_requested:
-    for length, batch in zip(chunks, batches):
-      state, metrics = compiled[length](state, batch, metrics)
-      step += length
-      events, stopping = plan.events(step), stop_requested(step)
-      if not (events or stopping):
-        continue
-      totals = jax.device_get(jax_utils.unreplicate(metrics))  # the one sync per event
-      watch.end_train(step - synced_step)
-      synced_step = step
-      check_finite(totals, step, path, reporter, record, watch)
-      if events.log:
-        log_window(reporter, watch, totals, plan, schedule, step, config.batch_size)
-        metrics = jax_utils.replicate(steps_lib.empty_metrics())
-      if events.evaluate:
-        with watch.measure("evaluate"):
-          evaluation, improved = evaluate_and_track_best(p_eval, state, dataset, config,
-                                                         record["best"], step)
-          reporter.write(step, {**evaluation, "epoch": step / plan.steps_per_epoch})
-        if improved:
-          with watch.measure("checkpoint"):
-            save(checkpoints, state, record, watch, step, best=True)
-      if events.checkpoint or stopping:
-        with watch.measure("checkpoint"):
-          save(checkpoints, state, record, watch, step)
-        reporter.flush()
-      if stopping and not events.stop:
-        raise errors.Preempted(step)
+  # -------------------------------------------------------------- compiling, training
 
-  final = {}
-  if plan.finished:
-    with watch.measure("evaluate"):
-      final["final_validation_error"] = evaluate(p_eval, state, dataset.validation,
-                                                 config)["error"]
-      if dataset.test is not None:
-        final["final_test_error"] = evaluate(p_eval, state, dataset.test, config)["error"]
-  final_state = jax.device_get(jax_utils.unreplicate(state))
-  results = {**final_results(record, plan, step, watch, dataset, model, final_state, config),
-             **final, "pipeline_images_per_s": pipeline_rate}
-  reporter.results(results)
-  logging.info("%s", summary_line(results))
-  return Run(results, final_state)
+  def compile(self, train: bool = True) -> None:
+    """The eval step and (with `train`) the train step for every call length of the
+    plan, compiled ahead of time (on one process; see compile_train_steps)."""
+    config, dataset = self.config, self.dataset
+    self.p_eval = steps_lib.make_eval_step(
+        build_model(config, dataset.num_classes, None), mean_image=dataset.mean_image,
+        std=dataset.std)
+    self.state = jax_utils.replicate(self.state)
+    self.metrics = jax_utils.replicate(steps_lib.empty_metrics())
+    with self.watch.measure("compile"):
+      if train:
+        p_train = steps_lib.make_train_step(self.model, self.tx, seed=config.seed,
+                                            mean_image=dataset.mean_image, std=dataset.std,
+                                            augment=dataset.augment)
+        self.compiled = compile_train_steps(p_train, self.state, self.metrics,
+                                            set(self.chunks), dataset, config)
+      if jax.process_count() == 1:  # else compiled on first call (see compile_train_steps)
+        self.p_eval = steps_lib.compile_ahead(self.p_eval, self.state, next(
+            self._eval_batches(dataset.validation)))[0]
+    logging.info("compiled in %.1f s", self.watch.totals["compile_s"])
+
+  def batches(self):
+    """The rest of the plan's batches, prefetched to the devices; starts the train clock."""
+    batches = jax_utils.prefetch_to_device(data_lib.train_batches(
+        self.dataset.train, self.config.seed, self.config.batch_size, self.start_step,
+        self.chunks, jax.local_device_count(), jax.process_index(), jax.process_count()), 2)
+    self.watch.restart_train_clock()
+    return batches
+
+  def train(self, length: int, batch) -> None:
+    self.state, self.metrics = self.compiled[length](self.state, batch, self.metrics)
+    self.step += length
+
+  def sync(self) -> dict:
+    """The train metrics since the last log, on the host (the one sync per event)."""
+    totals = jax.device_get(jax_utils.unreplicate(self.metrics))
+    self.watch.end_train(self.step - self._synced_step)
+    self._synced_step = self.step
+    return totals
+
+  # ------------------------------------------------------------------------ events
+
+  def check_finite(self, totals) -> None:
+    """Stops the run (`errors.Diverged`) if any step since the last check was
+    non-finite, before anything of it is saved."""
+    bad = int(totals["first_nonfinite_step"])
+    if bad == steps_lib.NO_NONFINITE_STEP:
+      return
+    message = (f"training diverged: the loss or a gradient is not finite at step {bad}. "
+               "Checkpoints and best/ keep the last finite state; lower the learning rate "
+               "or check the data, then start again in a new workdir.")
+    self.writer.results({"diverged": True, "diverged_at_step": bad, "finished": False,
+                           "steps": self.step, "config": self.record.config,
+                           "timing": self.watch.snapshot(),
+                           "best_validation_error": self.record.best.validation_error})
+    raise errors.Diverged(bad, message)
+
+  def log(self, totals) -> None:
+    """The progress line and the train metrics of the steps since the last log."""
+    plan, step = self.plan, self.step
+    seconds, steps = self.watch.take_window()
+    window = steps_lib.summarize(totals)
+    rate = steps * self.config.batch_size / seconds if seconds > 0 else float("nan")
+    lr = float(self.schedule(step - 1))
+    remaining = (plan.total_steps - step) * seconds / steps if steps else 0.0
+    logging.info("epoch %.2f/%d  step %d/%d  loss %.4f  train error %s  lr %.4g  %.0f img/s"
+                 "  ETA %s", step / plan.steps_per_epoch,
+                 round(plan.total_steps / plan.steps_per_epoch), step, plan.total_steps,
+                 window["loss"], writer.percent(window["error"]), lr, rate,
+                 writer.format_duration(remaining))
+    self.writer.write(step, {
+        "train/loss": window["loss"], "train/error": window["error"],
+        "train/learning_rate": lr, "train/images_per_s": rate,
+        "train/first_block_grad_abs": window["first_block_grad_abs"],
+        "train/steps": steps, "train/seconds": seconds,
+        "epoch": step / plan.steps_per_epoch,
+        **{f"timing/{name}": value for name, value in self.watch.snapshot().items()}})
+    self.metrics = jax_utils.replicate(steps_lib.empty_metrics())
+
+  def evaluate(self) -> bool:
+    """Validation (and test: at every evaluation with test_every_eval, else at new bests)
+    metrics of the current state, written and remembered; whether validation improved."""
+    config, best, step = self.config, self.record.best, self.step
+    with self.watch.measure("evaluate"):
+      val = evaluate(self.p_eval, self.state, self.dataset.validation, config)
+      written = {"validation/error": val["error"], "validation/loss": val["loss"]}
+      improved = best.validation_error is None or val["error"] < best.validation_error
+      test = None
+      if self.dataset.test is not None and (config.test_every_eval or improved):
+        test = evaluate(self.p_eval, self.state, self.dataset.test, config)
+        written.update({"test/error": test["error"], "test/loss": test["loss"]})
+      if improved:
+        self.record.best = Best(val["error"], int(step),
+                                None if test is None else test["error"])
+      logging.info("step %d: validation error %s (best %s at step %d)%s", step,
+                   writer.percent(val["error"]),
+                   writer.percent(self.record.best.validation_error),
+                   self.record.best.step, "" if test is None else
+                   f", test error {writer.percent(test['error'])}")
+      self.writer.write(step, {**written, "epoch": step / self.plan.steps_per_epoch})
+    self.last_evaluation = {"step": step, **written}
+    return improved
+
+  def checkpoint(self, best: bool = False) -> None:
+    """Saves the state (as the newest checkpoint, or as best/) with the record; never a
+    non-finite state."""
+    with self.watch.measure("checkpoint"):
+      host_state = jax.device_get(jax_utils.unreplicate(self.state))
+      if not all(np.all(np.isfinite(a)) for a in jax.tree.leaves(host_state)
+                 if np.issubdtype(a.dtype, np.floating)):
+        raise errors.Diverged(self.step, f"training diverged: the state at step "
+                              f"{self.step} is not finite; it was not saved.")
+      self.record.timing = self.watch.snapshot()
+      self.checkpoints.save(self.step, host_state, self.record.to_json(), best=best)
+    if not best:
+      self.writer.flush()
+
+  # ------------------------------------------------------------------------ results
+
+  def finish(self) -> Outcome:
+    """Writes results.json: the final errors are the last evaluation's (the plan
+    evaluates at the last step), test evaluated once more only if that one skipped it."""
+    final = {}
+    if self.plan.finished:
+      last = self.last_evaluation
+      if last.get("step") != self.step:  # restarted after the last step's evaluation
+        last = self.last_evaluation = {"step": self.step, "validation/error": evaluate(
+            self.p_eval, self.state, self.dataset.validation, self.config)["error"]}
+      final["final_validation_error"] = last["validation/error"]
+      if self.dataset.test is not None:
+        if "test/error" not in last:
+          with self.watch.measure("evaluate"):
+            last["test/error"] = evaluate(self.p_eval, self.state, self.dataset.test,
+                                          self.config)["error"]
+        final["final_test_error"] = last["test/error"]
+    final_state = jax.device_get(jax_utils.unreplicate(self.state))
+    results = {**self.results(final_state), **final}
+    self.writer.results(results)
+    logging.info("%s", summary_line(results))
+    return Outcome(results, final_state)
+
+  def results(self, final_state) -> dict:
+    plan, config, best = self.plan, self.config, self.record.best
+    timing = self.watch.snapshot()
+    probs = self.model.survival_probs()
+    return {"config": self.record.config, "seed": config.seed,
+            "dataset": self.dataset.describe(), "steps": int(self.step),
+            "epochs": self.step / plan.steps_per_epoch,
+            "steps_per_epoch": plan.steps_per_epoch, "finished": plan.finished,
+            "timing": timing, "wall_time_s": timing["wall_s"],
+            **self.watch.rates(config.batch_size, plan.steps_per_epoch),
+            "best_validation_error": best.validation_error,
+            "best_validation_step": best.step,
+            "test_error_at_best_validation": best.test_error,
+            "survival_probs": [float(p) for p in probs],
+            "expected_depth": survival_lib.expected_depth(probs),
+            "num_blocks": self.model.num_blocks,
+            "parameters": models.count_params(final_state.params),
+            "config_changes": self.record.config_changes}
+
+  def already_done(self) -> Outcome:
+    """A restart of a run that already reached its stop step: nothing to train. The
+    results are those written when it got there; if they are missing, damaged or of
+    another step (it stopped between its last checkpoint and its results), they are
+    written again from that checkpoint, as the run would have written them."""
+    results_path = self.path / "results.json"
+    try:
+      results = json.loads(results_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+      results = None
+    if isinstance(results, dict) and results.get("steps") == self.start_step:
+      logging.info("%s already reached step %d: nothing to do.", self.path,
+                   self.start_step)
+      return Outcome(results, self.state)
+    logging.warning("%s reached step %d but its results.json is %s: writing it from that "
+                    "step's checkpoint.", self.path, self.start_step,
+                    "missing" if results is None else "of another step")
+    self.compile(train=False)
+    return self.finish()
+
+  def _eval_batches(self, split):
+    return data_lib.eval_batches(split, self.config.eval_batch_size,
+                                 jax.local_device_count(), jax.process_index(),
+                                 jax.process_count())
 
 
 def compile_train_steps(p_train, state, metrics, lengths, dataset, config) -> dict:
@@ -450,32 +633,16 @@ def compile_train_steps(p_train, state, metrics, lengths, dataset, config) -> di
   return compiled
 
 
-def pipeline_images_per_s(dataset, config, devices: int, repeats: int = 20) -> float:
-  """Throughput of the input pipeline alone: host gather + transfer to the devices."""
-  chunks = [max(1, config.steps_per_call)] * repeats
-  batches = data_lib.train_batches(dataset.train, config.seed, config.batch_size, 0, chunks,
-                                   devices, jax.process_index(), jax.process_count())
-  start = time.perf_counter()
-  for batch in jax_utils.prefetch_to_device(batches, 2):
-    jax.block_until_ready(batch)
-  return sum(chunks) * config.batch_size / (time.perf_counter() - start)
-
-
-def new_record(config) -> dict:
-  """What a checkpoint carries besides the state: the run's config, best validation
-  result, timing and config changes."""
-  return {"config": workdir_lib.config_dict(config), "seed": config.seed,
-          "best": {"validation_error": None, "step": None, "test_error": None},
-          "timing": {}, "config_changes": []}
-
-
-def resume(checkpoints, template, config, allow_config_change: bool):
+def resume(checkpoints, template, config, data: dict, allow_config_change: bool):
   """(step, state, record) of the newest good checkpoint, or None to start afresh."""
   current = workdir_lib.config_dict(config)
   changes: list = []
 
   def check_meta(meta: dict) -> None:
     differences = workdir_lib.config_differences(meta["config"], current)
+    if meta.get("data") is not None:  # checkpoints of older versions have none
+      differences += [(f"data.{k}", meta["data"].get(k), v) for k, v in data.items()
+                      if k != "name" and meta["data"].get(k) != v]
     if differences and not allow_config_change:
       listed = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in differences)
       raise errors.UserError(
@@ -488,88 +655,10 @@ def resume(checkpoints, template, config, allow_config_change: bool):
   if restored is None:
     return None
   step, state, meta = restored
-  record = {**new_record(config), **{k: meta[k] for k in ("best", "timing",
-                                                          "config_changes") if k in meta}}
-  record["config_changes"] = record["config_changes"] + [
-      {"step": step, "field": f, "from": old, "to": new} for f, old, new in changes]
-  return step, state, record
-
-
-def save(checkpoints, state, record, watch, step: int, best: bool = False) -> None:
-  host_state = jax.device_get(jax_utils.unreplicate(state))
-  if not all(np.all(np.isfinite(a)) for a in jax.tree.leaves(host_state)
-             if np.issubdtype(a.dtype, np.floating)):
-    raise errors.Diverged(step, f"training diverged: the state at step {step} is not "
-                          "finite; it was not saved.")
-  record["timing"] = watch.snapshot()
-  checkpoints.save(step, host_state, record, best=best)
-
-
-def check_finite(totals, step, path, reporter, record, watch) -> None:
-  """Stops the run (`errors.Diverged`) if any step since the last check was non-finite,
-  before anything of it is saved."""
-  bad = int(totals["first_nonfinite_step"])
-  if bad == steps_lib.NO_NONFINITE_STEP:
-    return
-  message = (f"training diverged: the loss or a gradient is not finite at step {bad}. "
-             f"Checkpoints and best/ keep the last finite state; lower the learning rate "
-             "or check the data, then start again in a new workdir.")
-  reporter.results({"diverged": True, "diverged_at_step": bad, "finished": False,
-                    "steps": step, "config": record["config"], "timing": watch.snapshot(),
-                    "best_validation_error": record["best"]["validation_error"]})
-  raise errors.Diverged(bad, message)
-
-
-def log_window(reporter, watch, totals, plan, schedule, step, batch_size) -> None:
-  """The progress line and the train metrics of the steps since the last log."""
-  seconds, steps = watch.take_window()
-  window = steps_lib.summarize(totals)
-  rate = steps * batch_size / seconds if seconds > 0 else float("nan")
-  lr = float(schedule(step - 1))
-  remaining = (plan.total_steps - step) * seconds / steps if steps else 0.0
-  logging.info("epoch %.2f/%d  step %d/%d  loss %.4f  train error %s  lr %.4g  %.0f img/s"
-               "  ETA %s", step / plan.steps_per_epoch, round(plan.total_steps /
-                                                              plan.steps_per_epoch),
-               step, plan.total_steps, window["loss"], reporting.percent(window["error"]),
-               lr, rate, reporting.format_duration(remaining))
-  reporter.write(step, {"train/loss": window["loss"], "train/error": window["error"],
-                        "train/learning_rate": lr, "train/images_per_s": rate,
-                        "train/first_block_grad_abs": window["first_block_grad_abs"],
-                        "train/steps": steps,
-                        "epoch": step / plan.steps_per_epoch,
-                        **{f"timing/{name}": value
-                           for name, value in watch.snapshot().items()}})
-
-
-def final_results(record, plan, step, watch, dataset, model, final_state, config) -> dict:
-  timing = watch.snapshot()
-  best = record["best"]
-  return {"config": record["config"], "seed": config.seed, "dataset": dataset.describe(),
-          "steps": int(step), "epochs": step / plan.steps_per_epoch,
-          "steps_per_epoch": plan.steps_per_epoch, "finished": plan.finished,
-          "timing": timing, "wall_time_s": timing["wall_s"],
-          **watch.rates(config.batch_size, plan.steps_per_epoch),
-          "best_validation_error": best["validation_error"],
-          "best_validation_step": best["step"],
-          "test_error_at_best_validation": best["test_error"],
-          "survival_probs": [float(p) for p in model.survival_probs()],
-          "expected_depth": survival_lib.expected_depth(model.survival_probs()),
-          "num_blocks": model.num_blocks,
-          "parameters": models.count_params(final_state.params),
-          "config_changes": record["config_changes"]}
-
-
-def already_done(path, state, record, step) -> Run:
-  """A restart of a run that already reached its stop step: nothing to train, nothing
-  rewritten; the results are those written when it got there."""
-  results_path = path / "results.json"
-  results = json.loads(results_path.read_text()) if results_path.exists() else {
-      "steps": step, "timing": record["timing"]}
-  logging.info("%s already reached step %d: nothing to do.", path, step)
-  return Run(results, state)
+  return step, state, Record.resumed(config, data, meta, step, changes)
 
 
 def summary_line(results: dict) -> str:
-  return (f"best validation error {reporting.percent(results['best_validation_error'])} "
+  return (f"best validation error {writer.percent(results['best_validation_error'])} "
           f"at step {results['best_validation_step']}; test error there "
-          f"{reporting.percent(results['test_error_at_best_validation'])}")
+          f"{writer.percent(results['test_error_at_best_validation'])}")

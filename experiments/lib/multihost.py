@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import jax
@@ -24,6 +26,28 @@ def agree_on_start_step(step: int) -> int:
       f"the processes found different checkpoints to resume from ({found}): every host "
       "must see the same --workdir (a shared filesystem or a gs:// bucket).")
 
+
+
+def agree_on(values: dict) -> None:
+  """Returns if every process holds the same `values` ({name: JSON-able value}); else a
+  UserError, on every process, naming the processes and the names that differ from
+  process 0 (hosts launched with other flags, or other data)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  hashes = np.asarray([int.from_bytes(hashlib.blake2b(
+      json.dumps(v, sort_keys=True, default=str).encode(), digest_size=8).digest(),
+      "little", signed=True) for v in values.values()], np.int64)
+  gathered = np.asarray(multihost_utils.process_allgather(hashes)).reshape(
+      jax.process_count(), len(values))
+  differ = [(name, [p for p in range(len(gathered)) if gathered[p, j] != gathered[0, j]])
+            for j, name in enumerate(values)]
+  differ = [(name, processes) for name, processes in differ if processes]
+  if differ:
+    listed = "; ".join(f"{name} (process {', '.join(map(str, ps))})" for name, ps in differ)
+    raise errors.UserError(
+        f"the processes were started with different settings or data than process 0: "
+        f"{listed}. Start every process with the same flags and the same data.")
 
 
 def _env_int(name: str) -> int:

@@ -63,26 +63,27 @@ def find(dataset: str, depth: int) -> Setting | None:
   return None
 
 
-def error(setting: Setting | None, p_last: float, rule: str) -> float | None:
-  """The paper's test error (%) at survival `p_last` and `rule`, or None."""
+def _reported(setting: Setting | None, p_last: float, rule: str, quantity: str):
+  """The paper's `{stochastic,constant}_{quantity}` for a run at `p_last` and `rule`: the
+  constant-depth figure at p_L = 1, the stochastic one at the paper's p_L and rule, else
+  None (the paper reports no other)."""
   if setting is None:
     return None
   if p_last == 1.0:
-    return setting.constant_error
+    return getattr(setting, f"constant_{quantity}")
   if abs(p_last - P_LAST) < 1e-9 and rule == RULE:
-    return setting.stochastic_error
+    return getattr(setting, f"stochastic_{quantity}")
   return None
+
+
+def error(setting: Setting | None, p_last: float, rule: str) -> float | None:
+  """The paper's test error (%) at survival `p_last` and `rule`, or None."""
+  return _reported(setting, p_last, rule, "error")
 
 
 def train_seconds(setting: Setting | None, p_last: float, rule: str) -> float | None:
   """The paper's total training time (Table 2) at `p_last` and `rule`, or None."""
-  if setting is None:
-    return None
-  if p_last == 1.0:
-    return setting.constant_train_s
-  if abs(p_last - P_LAST) < 1e-9 and rule == RULE:
-    return setting.stochastic_train_s
-  return None
+  return _reported(setting, p_last, rule, "train_s")
 
 
 def _folder_stands_for(data_dir: str, description: str) -> str | None:

@@ -94,11 +94,12 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": leaf} of a nested dict."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     return out
   return {prefix[:-1]: tree}
 
@@ -107,7 +108,7 @@ def config_differences(recorded: dict[str, Any], current: dict[str, Any]
                        ) -> list[tuple[str, Any, Any]]:
   """(field, recorded value, current value) for every training-relevant field that
   differs (lists and tuples compare equal when their items do)."""
-  old, new = _flatten(recorded), _flatten(current)
+  old, new = flatten(recorded), flatten(current)
   normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v
   return [(field, old.get(field), new.get(field)) for field in sorted(set(old) | set(new))
           if field not in UNCHECKED_FIELDS and normal(old.get(field)) != normal(new.get(field))]

@@ -1,4 +1,4 @@
-"""What a run tells: progress lines, metrics.jsonl, TensorBoard events, results.json.
+"""What a run writes (`RunWriter`): progress lines, metrics.jsonl, TensorBoard events, results.json.
 
 Only process 0 writes files. metrics.jsonl is rewritten whole (atomically) at each flush,
 which works on object stores too and never interleaves two writers; records of steps
@@ -71,7 +71,25 @@ def route_tensorboard_urls_through_epath() -> None:
     record_writer.register_writer_factory(scheme, _EpathEventFiles())
 
 
-class Reporter:
+def read_records(data: bytes) -> tuple[list[dict], int]:
+  """The records of a metrics.jsonl file and the number of its damaged lines (not JSON
+  objects with a step, e.g. the half-written last line of a run killed mid-write)."""
+  records, damaged = [], 0
+  for line in data.decode("utf-8", errors="replace").splitlines():
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+      records.append(record)
+    else:
+      damaged += 1
+  return records, damaged
+
+
+class RunWriter:
   """Writes every metric to metrics.jsonl and TensorBoard (process 0 only)."""
 
   def __init__(self, workdir: epath.Path, enabled: bool = True, start_step: int = 0):
@@ -84,8 +102,10 @@ class Reporter:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "metrics.jsonl"
     if path.exists():
-      self._records = [line for line in path.read_text().splitlines()
-                       if line.strip() and json.loads(line)["step"] <= start_step]
+      records, damaged = read_records(path.read_bytes())
+      if damaged:
+        logging.warning("%s: %d damaged line(s) dropped (the rest is kept).", path, damaged)
+      self._records = [json.dumps(r) for r in records if r["step"] <= start_step]
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     if not workdir_lib.is_local(workdir):
       route_tensorboard_urls_through_epath()
@@ -120,7 +140,7 @@ class Reporter:
       self._tb.close()
       self._tb = None
 
-  def __enter__(self) -> "Reporter":
+  def __enter__(self) -> "RunWriter":
     return self
 
   def __exit__(self, *exc) -> None:

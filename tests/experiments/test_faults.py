@@ -1,4 +1,5 @@
 """Faults injected into real runs, and what survives them (issue: reliability)."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -83,9 +84,26 @@ def test_a_restart_with_other_training_settings_is_refused_naming_the_fields(tmp
   assert run.results["config"]["learning_rate"] == 0.05
 
 
+def test_a_restart_on_other_data_is_refused_naming_what_differs(tmp_path):
+  config = tiny_config(epochs=2, halt_after_steps=3)
+  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  permuted = data_lib.Split(DATASET.train.images, (DATASET.train.labels + 1) % 10)
+  relabelled = dataclasses.replace(DATASET, train=permuted)  # same files, other labels
+  with pytest.raises(errors.UserError, match=r"data.fingerprint: '[0-9a-f]+' -> '[0-9a-f]+'"):
+    loop.train_and_evaluate(config, str(tmp_path), dataset=relabelled)
+  n = len(DATASET.train)
+  fewer = dataclasses.replace(DATASET, train=data_lib.take(DATASET.train, np.arange(n - 8)))
+  with pytest.raises(errors.UserError,
+                     match=rf"data.examples: .*'train': {n}.* -> .*'train': {n - 8}"):
+    loop.train_and_evaluate(config, str(tmp_path), dataset=fewer)
+  config.halt_after_steps = 0  # the same data resumes
+  assert loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results["finished"]
+
+
 # ------------------------------------------------------------------- one run per dir
 
 
+@pytest.mark.e2e
 def test_a_live_workdir_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from experiments.lib import workdir as w; "
@@ -165,6 +183,12 @@ def test_problems_are_found_before_training(tmp_path):
         dataset=data_lib.Dataset(DATASET.train, DATASET.validation, bad_labels, 10,
                                  DATASET.mean_image, DATASET.std, True, "tiny"))
   fails("model: CIFAR ResNet depth must be 6n \\+ 2", tiny_config(**{"model.depth": 9}))
+  fails(r"learning_rate must be a finite number in \(0, inf\), got nan",
+        tiny_config(learning_rate=float("nan")))
+  fails(r"learning_rate must be a finite number in \(0, inf\), got -0.1",
+        tiny_config(learning_rate=-0.1))
+  fails(r"momentum must be a finite number in \[0, 1\], got 5", tiny_config(momentum=5.0))
+  fails(r"warmup_epochs must be a finite number in \[0, 1\]", tiny_config(warmup_epochs=2.0))
 
 
 def test_image_folder_surprises_are_named(tmp_path):
@@ -205,6 +229,38 @@ def test_timings_add_up_over_segments_and_a_finished_run_is_left_as_it_was(tmp_p
   assert again.results == json.loads(saved)
 
 
+def test_a_truncated_metrics_file_does_not_block_the_restart(tmp_path):
+  config = tiny_config(epochs=2, halt_after_steps=4)
+  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text(metrics.read_text()[:-25])  # the last line cut short
+  config.halt_after_steps = 0
+  done = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all valid
+  assert max(r["step"] for r in records) == done["steps"] and done["finished"]
+  assert any(r["step"] <= 4 for r in records)  # the readable records before the cut stay
+
+
+@pytest.mark.parametrize("damage", ["removed", "garbled"])
+def test_a_finished_run_whose_results_were_lost_writes_them_again(tmp_path, damage):
+  # A stop between the last checkpoint and results.json (SIGKILL, a full disk) leaves a
+  # workdir whose checkpoint is its final step: the restart writes what the run would have.
+  config = tiny_config(epochs=2)
+  done = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  results = tmp_path / "results.json"
+  if damage == "removed":
+    results.unlink()
+  else:
+    results.write_text(results.read_text()[:40])
+  again = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  assert json.loads(results.read_text()) == again
+  for key in ("steps", "finished", "best_validation_error", "best_validation_step",
+              "test_error_at_best_validation", "final_validation_error", "final_test_error",
+              "parameters", "survival_probs", "dataset", "config"):
+    assert again[key] == done[key], key
+  assert again["timing"]["train_steps"] == done["timing"]["train_steps"]
+
+
 # ---------------------------------------------------------------- the command line
 
 
@@ -218,6 +274,7 @@ def cli(workdir, *extra, env=None):
 CLI_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
+@pytest.mark.e2e
 def test_cli_user_errors_are_one_line_and_divergence_exits_3(tmp_path):
   bad = subprocess.run(cli(tmp_path / "a", "--config.batch_size=0"), cwd=ROOT, env=CLI_ENV,
                        capture_output=True, text=True, timeout=300)
@@ -233,6 +290,22 @@ def test_cli_user_errors_are_one_line_and_divergence_exits_3(tmp_path):
   assert "Traceback" not in diverged.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("flag, says", [
+    ("--config.foo=1", "foo"), ("--config=experiments/configs/nope.py", "nope.py"),
+    ("--config.epochs=many", "epochs"), ("--config=experiments/configs/paper.py:mnist",
+                                         "unknown paper run 'mnist'")])
+def test_a_bad_flag_or_config_is_one_error_line(tmp_path, flag, says):
+  done = subprocess.run(cli(tmp_path / "w", flag), cwd=ROOT, env=CLI_ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  line = done.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: ") and says in line, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.e2e
 def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path):
   straight = subprocess.run(cli(tmp_path / "straight"), cwd=ROOT, env=CLI_ENV,
                             capture_output=True, text=True, timeout=300)

@@ -31,8 +31,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.lib import checkpoint as checkpoint_lib
-from experiments.lib import reporting
 from experiments.lib import workdir as workdir_lib
+from experiments.lib import writer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -54,6 +54,8 @@ def free_port() -> int:
 
 
 def cli_env(devices: int) -> dict[str, str]:
+  # None of the test session's JAX settings: the tolerance of the comparison with one
+  # process is that of XLA's optimised programs.
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
   return {**env, "JAX_PLATFORMS": "cpu",
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -72,7 +74,7 @@ class Processes:
   """The processes of one run, each logging to WORKDIR.<process>.log beside the workdir."""
 
   def __init__(self, workdir: pathlib.Path, *extra: str, processes: int = 2,
-               devices: int = 2):
+               devices: int = 2, extra_for: dict[int, Sequence[str]] | None = None):
     self.workdir = workdir
     self.logs = [workdir.parent / f"{workdir.name}.{i}.log" for i in range(processes)]
     port = free_port()
@@ -80,7 +82,8 @@ class Processes:
     for i, log in enumerate(self.logs):
       with open(log, "w") as out:
         self.popens.append(subprocess.Popen(
-            command(workdir, *extra, port=port, processes=processes, process_id=i),
+            command(workdir, *extra, *(extra_for or {}).get(i, ()), port=port,
+                    processes=processes, process_id=i),
             cwd=ROOT, env=cli_env(devices), stdout=out, stderr=subprocess.STDOUT))
 
   def log(self, i: int) -> str:
@@ -118,10 +121,12 @@ class Processes:
 
 
 @contextlib.contextmanager
-def started(workdir: pathlib.Path, *extra: str, processes: int = 2, devices: int = 2
-            ) -> Iterator[Processes]:
-  """The run's processes; whatever happens, none outlives the block."""
-  run = Processes(workdir, *extra, processes=processes, devices=devices)
+def started(workdir: pathlib.Path, *extra: str, processes: int = 2, devices: int = 2,
+            extra_for: dict[int, Sequence[str]] | None = None) -> Iterator[Processes]:
+  """The run's processes (`extra_for`: flags of some processes only); whatever happens,
+  none outlives the block."""
+  run = Processes(workdir, *extra, processes=processes, devices=devices,
+                  extra_for=extra_for)
   try:
     yield run
   finally:
@@ -185,6 +190,7 @@ def test_the_readme_shows_the_command_this_file_runs():
   assert re.search(pattern, text), "README's two-process command differs from the test's"
 
 
+@pytest.mark.e2e
 def test_two_processes_finish_and_only_process_0_writes_the_reports(two_processes):
   for i in range(2):
     assert "JAX " in two_processes.log(i) and "on 2 process(es), 4 device(s)" in (
@@ -203,6 +209,7 @@ def test_two_processes_finish_and_only_process_0_writes_the_reports(two_processe
       meta["checksums"].values())
 
 
+@pytest.mark.e2e
 def test_two_processes_train_what_one_process_of_four_devices_trains(two_processes,
                                                                      one_process):
   two, one = results(two_processes.workdir), results(one_process.workdir)
@@ -228,6 +235,7 @@ def flat(state: dict) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+@pytest.mark.e2e
 def test_a_halted_run_restarted_on_both_processes_ends_bit_identical(two_processes,
                                                                      tmp_path):
   workdir = tmp_path / "run"
@@ -248,6 +256,7 @@ def test_a_halted_run_restarted_on_both_processes_ends_bit_identical(two_process
 
 @pytest.mark.parametrize("signum, target", [(signal.SIGTERM, 1), (signal.SIGINT, 0)],
                          ids=["sigterm_to_worker", "sigint_to_coordinator"])
+@pytest.mark.e2e
 def test_a_stop_signal_to_one_process_checkpoints_one_step_on_all_and_all_exit_75(
     tmp_path, signum, target):
   workdir = tmp_path / "run"
@@ -267,6 +276,7 @@ def test_a_stop_signal_to_one_process_checkpoints_one_step_on_all_and_all_exit_7
   assert not (workdir / "results.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker_killed", "coordinator_killed"])
 def test_a_killed_process_makes_the_other_stop_within_a_bound(tmp_path, victim):
   survivor = 1 - victim
@@ -284,6 +294,7 @@ def test_a_killed_process_makes_the_other_stop_within_a_bound(tmp_path, victim):
           "the JAX distributed service detected fatal errors" in log), log[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_hung_process_makes_the_other_stop_after_the_heartbeat_timeout(tmp_path):
   heartbeat_timeout_s = 10  # well under the default 60 s, so the flag must take effect
   with started(tmp_path / "run", *FAULT_FLAGS,
@@ -299,6 +310,16 @@ def test_a_hung_process_makes_the_other_stop_after_the_heartbeat_timeout(tmp_pat
   assert "stopped sending heartbeats" in log, log[-3000:]
 
 
+@pytest.mark.e2e
+def test_processes_started_with_other_settings_refuse_naming_process_and_field(tmp_path):
+  with started(tmp_path / "run", extra_for={1: ("--config.survival.p_last=1.0",)}) as run:
+    assert run.wait(FAILURE_BOUND_S) == [2, 2], run.tails()
+  for i in range(2):
+    assert "setting survival.p_last (process 1)" in run.log(i), run.tails()
+  assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+
+
+@pytest.mark.e2e
 def test_a_process_whose_peer_never_starts_gives_up_after_the_initialization_timeout(
     tmp_path):
   started_at = time.monotonic()
@@ -346,21 +367,21 @@ def test_a_gs_workdir_stays_a_url_and_every_report_is_written_through_epath(
   assert os.fspath(workdir_lib.resolve("runs/a")) == os.fspath(tmp_path / "runs" / "a")
   with gs_bucket_in(tmp_path / "gcs", monkeypatch):
     workdir_lib.Lock(path).acquire()  # object stores have no lock: not enforced there
-    reporter = reporting.Reporter(path, start_step=0)
-    reporter.write(1, {"train/loss": 2.5})
-    reporter.write(2, {"train/loss": 2.0})
-    reporter.flush()
-    reporter.results({"steps": 2})
-    reporter.close()
+    run_writer = writer.RunWriter(path, start_step=0)
+    run_writer.write(1, {"train/loss": 2.5})
+    run_writer.write(2, {"train/loss": 2.0})
+    run_writer.flush()
+    run_writer.results({"steps": 2})
+    run_writer.close()
     workdir_lib.write_text_atomic(path / "config.json", "{}")
-    resumed = reporting.Reporter(path, start_step=1)  # reads metrics.jsonl back
+    resumed = writer.RunWriter(path, start_step=1)  # reads metrics.jsonl back
     resumed.close()
   bucket = tmp_path / "gcs" / "bucket" / "run"
   assert json.loads((bucket / "results.json").read_text()) == {"steps": 2}
   assert (bucket / "config.json").read_text() == "{}"
   steps = [json.loads(line)["step"] for line in (bucket / "metrics.jsonl").read_text(
   ).splitlines()]
-  assert steps == [1]  # the resumed reporter kept the records up to its start step
+  assert steps == [1]  # the resumed writer kept the records up to its start step
   events = list((bucket / "tensorboard").glob("events.out.tfevents.*"))
   assert events and all(e.stat().st_size > 0 for e in events)  # TensorBoard, via epath
   assert not list(tmp_path.glob("gs*")) and not (tmp_path / "bucket").exists()

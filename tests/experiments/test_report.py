@@ -13,6 +13,8 @@ import pytest
 from experiments import report as report_cli
 from experiments.lib import figures
 from experiments.lib import paper
+from experiments.lib import runs as runs_lib
+from experiments.lib import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WINDOW_STEPS = (3, 2)  # two log windows per epoch, of unequal length
@@ -40,7 +42,8 @@ def fake_records(epochs, p_last, test=True):
           "train/loss": 2.0 / epoch + window, "train/error": 0.5 / epoch,
           "train/learning_rate": 0.1, "train/images_per_s": 1000.0 * (2 - p_last),
           "train/first_block_grad_abs": 1e-3 * (epoch + window) * (2 - p_last),
-          "train/steps": steps})
+          "train/steps": steps,
+          "train/seconds": steps * BATCH / (1000.0 * (2 - p_last))})
     evaluation = {"step": step, "time": 1000.5 + step, "epoch": step / STEPS_PER_EPOCH,
                   "validation/error": 0.3 - 0.01 * epoch + (0.05 if epoch == epochs else 0),
                   "validation/loss": 1.0}
@@ -105,7 +108,7 @@ def pair(tmp_path):
 
 def test_report_writes_markdown_that_embeds_pngs_that_decode(pair, tmp_path):
   out = tmp_path / "report"
-  report, warnings = figures.write_report([pair[0][0], pair[1][0]], out)
+  report, warnings = tables.write_report([pair[0][0], pair[1][0]], out)
   assert warnings == []
   text = report.read_text()
   embedded = [part.split(")")[0] for part in text.split("](")[1:]]
@@ -118,7 +121,7 @@ def test_report_writes_markdown_that_embeds_pngs_that_decode(pair, tmp_path):
 
 
 def test_learning_curves_hold_epoch_mean_loss_and_test_error_per_run(pair):
-  runs = [figures.load_run(p) for p, _, _ in pair]
+  runs = [runs_lib.load_run(p) for p, _, _ in pair]
   ax_error, ax_loss = figures.learning_curves_figure(runs).axes
   assert len(curves(ax_error)) == 2 and len(curves(ax_loss)) == 2
   for (path, _, records), p_last in zip(pair, (0.5, 1.0)):
@@ -140,7 +143,7 @@ def test_learning_curves_hold_epoch_mean_loss_and_test_error_per_run(pair):
 def test_runs_without_test_split_plot_validation_error_and_say_so(tmp_path):
   path, _, records = make_run(tmp_path, "folder_run", test=False, dataset="folder",
                               warmup_epochs=1.0)
-  run = figures.load_run(path)
+  run = runs_lib.load_run(path)
   ax_error, _ = figures.learning_curves_figure([run]).axes
   [error] = curves(ax_error)
   np.testing.assert_allclose(error.get_ydata(),
@@ -150,25 +153,25 @@ def test_runs_without_test_split_plot_validation_error_and_say_so(tmp_path):
   assert ax_error.get_ylabel().startswith("validation error")
   assert sorted(l.get_xdata()[0] for l in ax_error.get_lines()
                 if l.get_gid() == "lr_drop") == [1.0, 5.0, 7.5]
-  [row] = figures.table1_rows([run])
+  [row] = tables.table1_rows([run])
   assert row.errors.split == "validation" and row.errors.at_best_validation == 0.21
   assert row.errors.final == 0.26 and row.paper_error is None
-  markdown = figures.table1_markdown([row])
+  markdown = tables.table1_markdown([row])
   assert "21.00% (validation)" in markdown and "no test split" in markdown
 
 
 def test_table1_numbers_are_the_results_beside_the_papers(pair, tmp_path):
   svhn = make_run(tmp_path, "svhn", dataset="svhn_cropped", depth=152, epochs=50)
   other = make_run(tmp_path, "p08", p_last=0.8, epochs=500)
-  runs = [figures.load_run(p) for p, _, _ in (*pair, svhn, other)]
-  rows = figures.table1_rows(runs)
+  runs = [runs_lib.load_run(p) for p, _, _ in (*pair, svhn, other)]
+  rows = tables.table1_rows(runs)
   for row, (_, results, _) in zip(rows, (*pair, svhn, other)):
     assert row.errors.at_best_validation == results["test_error_at_best_validation"]
     assert row.errors.final == results["final_test_error"]
   assert [row.paper_error for row in rows] == [5.25, 6.41, 1.75, None]
   assert rows[0].notes == ("10 of 500 epochs: not comparable",)
   assert rows[2].notes == () and rows[3].notes == ()
-  markdown = figures.table1_markdown(rows).splitlines()
+  markdown = tables.table1_markdown(rows).splitlines()
   assert markdown[2].split(" | ")[5:8] == ["20.00%", "20.00%", "5.25%"]
   assert markdown[3].split(" | ")[5:8] == ["20.00%", "25.00%", "6.41%"]
   assert markdown[5].split(" | ")[7] == "-"
@@ -186,19 +189,19 @@ def test_paper_matches_dataset_depth_and_p_last():
 
 def test_table2_pairs_stochastic_with_constant_and_gives_the_time_ratio(pair, tmp_path):
   make_run(tmp_path, "other_depth", p_last=1.0, depth=56)
-  runs = [figures.load_run(tmp_path / n) for n in ("sd", "constant", "other_depth")]
-  [row] = figures.table2_rows(runs)
+  runs = [runs_lib.load_run(tmp_path / n) for n in ("sd", "constant", "other_depth")]
+  [row] = tables.table2_rows(runs)
   assert (row.stochastic.name, row.constant.name) == ("sd", "constant")
   assert row.stochastic_timing.train_s == 150.0 and row.constant_timing.train_s == 200.0
   assert row.stochastic_timing.seconds_per_epoch == 15.0
   assert row.epoch_ratio == pytest.approx(0.75) and row.total_ratio == pytest.approx(0.75)
-  cells = figures.table2_markdown([row]).splitlines()[2].split(" | ")
+  cells = tables.table2_markdown([row]).splitlines()[2].split(" | ")
   assert cells[2:4] == ["15.0", "20.0"] and cells[8:10] == ["0.75", "0.75"]
   assert cells[10] == "15h07m vs 20h42m (0.73)"
 
 
 def test_gradient_figure_holds_the_epoch_mean_of_each_run(pair):
-  runs = [figures.load_run(p) for p, _, _ in pair]
+  runs = [runs_lib.load_run(p) for p, _, _ in pair]
   ax = figures.gradient_figure(runs).axes[0]
   assert len(curves(ax)) == 2
   for run, factor in zip(runs, (1.5, 1.0)):
@@ -211,23 +214,23 @@ def test_unfinished_runs_come_from_metrics_and_dirs_without_metrics_are_skipped(
   path, _, records = make_run(tmp_path, "halfway", with_results=False, logged_epochs=4)
   (tmp_path / "never_logged").mkdir()
   (tmp_path / "never_logged" / "config.json").write_text(json.dumps(config_dict()))
-  runs, warnings = figures.load_runs([path, tmp_path / "never_logged"])
+  runs, warnings = runs_lib.load_runs([path, tmp_path / "never_logged"])
   assert [r.name for r in runs] == ["halfway"]
   assert len(warnings) == 1 and "never_logged" in warnings[0]
-  [row] = figures.table1_rows(runs)
+  [row] = tables.table1_rows(runs)
   best = min((r for r in records if "validation/error" in r),
              key=lambda r: r["validation/error"])
   assert row.errors.at_best_validation == best["test/error"] and row.errors.final is None
   assert row.notes[0] == "unfinished (epoch 4.0 of 10)"
-  assert "- (unfinished)" in figures.table1_markdown([row])
-  timing = figures.timing(runs[0])
+  assert "- (unfinished)" in tables.table1_markdown([row])
+  timing = runs_lib.timing(runs[0])
   assert timing.images_per_s == pytest.approx(1500.0)
   assert timing.seconds_per_epoch == pytest.approx(STEPS_PER_EPOCH * BATCH / 1500.0)
-  constant = figures.load_run(make_run(tmp_path, "constant", p_last=1.0)[0])
-  [pair] = figures.table2_rows([runs[0], constant])
+  constant = runs_lib.load_run(make_run(tmp_path, "constant", p_last=1.0)[0])
+  [pair] = tables.table2_rows([runs[0], constant])
   assert pair.epoch_ratio == pytest.approx(timing.seconds_per_epoch / 20.0)
   assert pair.total_ratio is None  # half a run's time is no total
-  [(_, blocks, expected)] = figures.expected_depth_rows(runs)
+  [(_, blocks, expected)] = tables.expected_depth_rows(runs)
   assert (blocks, expected) == (54, pytest.approx(40.25))
 
 
@@ -237,11 +240,11 @@ def test_diverged_runs_are_marked_and_use_their_metrics(tmp_path):
              "config": config_dict(), "timing": {"train_s": 1.0},
              "best_validation_error": 0.27}
   (path / "results.json").write_text(json.dumps(results))
-  [row] = figures.table1_rows([figures.load_run(path)])
+  [row] = tables.table1_rows([runs_lib.load_run(path)])
   assert row.notes[0] == "diverged at step 16"
   evaluations = [r for r in records if "validation/error" in r]
   assert row.errors.at_best_validation == evaluations[1]["test/error"]  # epoch 2 is best
-  assert "- (diverged)" in figures.table1_markdown([row])
+  assert "- (diverged)" in tables.table1_markdown([row])
 
 
 def test_sparse_test_records_are_named_in_the_legend(tmp_path):
@@ -249,7 +252,7 @@ def test_sparse_test_records_are_named_in_the_legend(tmp_path):
   sparse = [{k: v for k, v in r.items() if not k.startswith("test/") or r["epoch"] < 4}
             for r in records]  # test only at the first evaluations, as at new bests
   (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sparse))
-  fig = figures.learning_curves_figure([figures.load_run(path)])
+  fig = figures.learning_curves_figure([runs_lib.load_run(path)])
   [error] = curves(fig.axes[0])
   assert len(error.get_xdata()) == 3
   labels = [t.get_text() for t in fig.legends[0].get_texts()]
@@ -257,15 +260,15 @@ def test_sparse_test_records_are_named_in_the_legend(tmp_path):
 
 
 def test_survival_figure_plots_each_runs_probabilities(pair):
-  runs = [figures.load_run(p) for p, _, _ in pair]
+  runs = [runs_lib.load_run(p) for p, _, _ in pair]
   ax = figures.survival_figure(runs).axes[0]
   assert len(ax.get_lines()) == 2
   for run, (_, results, _) in zip(runs, pair):
     plotted = line(ax, f"{run.name}/survival")
     np.testing.assert_array_equal(plotted.get_xdata(), np.arange(1, 55))
     np.testing.assert_allclose(plotted.get_ydata(), results["survival_probs"])
-  assert "| sd | 0.5 (linear_decay) | 54 | 40.25 | 0.745 |" in figures.expected_depth_markdown(
-      figures.expected_depth_rows(runs))
+  assert "| sd | 0.5 (linear_decay) | 54 | 40.25 | 0.745 |" in tables.expected_depth_markdown(
+      tables.expected_depth_rows(runs))
 
 
 def test_sweep_has_a_line_per_rule_and_the_report_includes_it(tmp_path):
@@ -275,7 +278,8 @@ def test_sweep_has_a_line_per_rule_and_the_report_includes_it(tmp_path):
   dirs.insert(1, make_run(tmp_path, "again_p0.2", with_results=False, logged_epochs=3,
                           p_last=0.2)[0])  # unfinished: the finished p_L = 0.2 run is used
   make_run(tmp_path, "other_data", dataset="cifar100")
-  fig = figures.sweep_figure(dirs, tmp_path / "sweep.png")
+  fig = figures.plot_sweep(runs_lib.load_runs(dirs)[0])
+  figures.save_figure(fig, tmp_path / "sweep.png")
   assert mpl_image.imread(tmp_path / "sweep.png").ndim == 3
   ax_error, ax_time = fig.axes
   linear, uniform = line(ax_error, "error/linear_decay"), line(ax_error, "error/uniform")
@@ -285,9 +289,9 @@ def test_sweep_has_a_line_per_rule_and_the_report_includes_it(tmp_path):
   np.testing.assert_allclose(uniform.get_ydata(), [20.0, 20.0, 20.0])
   np.testing.assert_allclose(line(ax_time, "time/linear_decay").get_ydata(),
                              [100 * (1 + p) / 60 for p in (0.2, 0.5, 1.0)])
-  runs, _ = figures.load_runs([*dirs, tmp_path / "other_data"])
-  assert [len(g) for g in figures.sweep_groups(runs)] == [6]
-  report, _ = figures.write_report([*dirs, tmp_path / "other_data"], tmp_path / "out")
+  runs, _ = runs_lib.load_runs([*dirs, tmp_path / "other_data"])
+  assert [len(g) for g in runs_lib.sweep_groups(runs)] == [6]
+  report, _ = tables.write_report([*dirs, tmp_path / "other_data"], tmp_path / "out")
   assert "![p_L sweep](p_last_sweep.png)" in report.read_text()
 
 
@@ -312,3 +316,16 @@ def test_cli_refuses_a_directory_that_is_not_a_run_in_one_line(tmp_path):
   [message] = done.stderr.strip().splitlines()
   assert message.startswith("error: ") and str(tmp_path / "not_a_run") in message
   assert not (tmp_path / "out" / "REPORT.md").exists()
+
+
+def test_damaged_side_files_are_left_out_and_named(pair, tmp_path):
+  (sd_dir, _, _), (constant_dir, _, _) = pair
+  with open(sd_dir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 99, "train/lo')  # a line cut short by a kill
+  (constant_dir / "results.json").write_text("{garbled")
+  report, warnings = tables.write_report([sd_dir, constant_dir], tmp_path / "out")
+  sd, constant = (runs_lib.load_run(d) for d in (sd_dir, constant_dir))
+  assert sd.problems == ("1 damaged line(s) of metrics.jsonl left out",)
+  assert all(r["step"] != 99 for r in sd.records)
+  assert constant.results is None and "results.json is damaged" in constant.problems[0]
+  assert len(warnings) == 2 and all(w in report.read_text() for w in warnings)

@@ -1,13 +1,17 @@
 """Sweeps run their configs in turn, skip finished runs, resume interrupted ones."""
-import importlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
-from experiments import sweep
+import pytest
+
+from experiments.configs import quick
 from experiments.lib import loop
+from experiments.lib import sweeps
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = ["--config.model.depth=8", "--config.epochs=1", "--config.batch_size=128",
@@ -15,7 +19,7 @@ OVERRIDES = ["--config.model.depth=8", "--config.epochs=1", "--config.batch_size
 
 
 def quick_config(p_last):
-  config = importlib.import_module("experiments.configs.quick").get_config()
+  config = quick.get_config()
   config.model.depth, config.epochs, config.batch_size = 8, 1, 128
   config.log_every_steps = 5
   config.survival.p_last = p_last
@@ -23,17 +27,18 @@ def quick_config(p_last):
 
 
 def test_the_named_sweeps():
-  assert sweep.runs("pair", 0.5) == [
+  assert sweeps.runs("pair", 0.5) == [
       ("stochastic", ["--config.survival.p_last=0.5"]),
       ("constant", ["--config.survival.p_last=1.0"])]
-  grid = sweep.runs("p_last", 0.5)
+  grid = sweeps.runs("p_last", 0.5)
   assert len(grid) == 19 and grid[0][0] == "linear_decay_p0.1" and grid[-1][0] == "uniform_p0.9"
   assert ("linear_decay_p1.0", ["--config.survival.rule=linear_decay",
                                 "--config.survival.p_last=1.0"]) in grid
-  assert sweep.config_overrides(["--sweep=pair", "--config.epochs=40", "--root=r"]) == [
+  assert sweeps.config_overrides(["--sweep=pair", "--config.epochs=40", "--root=r"]) == [
       "--config.epochs=40"]
 
 
+@pytest.mark.e2e
 def test_a_pair_sweep_skips_the_finished_run_resumes_the_other_and_reports(tmp_path):
   root = tmp_path / "pair"
   finished = loop.train_and_evaluate(quick_config(1.0), str(root / "constant")).results
@@ -56,3 +61,47 @@ def test_a_pair_sweep_skips_the_finished_run_resumes_the_other_and_reports(tmp_p
   assert finished["finished"]
   report = (root / "report" / "REPORT.md").read_text()
   assert "stochastic" in report and "constant" in report
+
+
+def sweep_command(root, *extra):
+  return [sys.executable, "-m", "experiments.sweep", "--sweep=pair",
+          "--config=experiments/configs/quick.py", f"--root={root}", *OVERRIDES, *extra]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_reaches_the_running_config_once_and_the_sweep_exits_75(tmp_path):
+  # Ctrl-C signals the terminal's whole foreground process group: the sweep and its run.
+  root = tmp_path / "pair"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  sweep = subprocess.Popen(sweep_command(root, "--config.epochs=3"), cwd=ROOT, env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while not (root / "stochastic" / "config.json").exists():
+    assert sweep.poll() is None and time.monotonic() < deadline
+    time.sleep(0.2)
+  time.sleep(3)
+  os.killpg(sweep.pid, signal.SIGINT)
+  _, stderr = sweep.communicate(timeout=300)
+  assert sweep.returncode == 75, stderr[-3000:]
+  assert "passed on to the running config" in stderr
+  assert os.listdir(root / "stochastic" / "checkpoints")  # it saved before exiting
+  assert not (root / "constant").exists()  # the next config never started
+  with pytest.raises(ProcessLookupError):
+    os.killpg(sweep.pid, 0)  # nothing of the sweep's group is left running
+
+  done = subprocess.run(sweep_command(root, "--config.epochs=3"), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from step" in done.stderr
+  assert json.loads((root / "constant" / "results.json").read_text())["finished"]
+
+
+@pytest.mark.e2e
+def test_a_failed_config_makes_the_sweep_exit_1_and_names_it(tmp_path):
+  done = subprocess.run(sweep_command(tmp_path / "pair", "--config.survival.rule=steep"),
+                        cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "failed runs, left out of the report: stochastic (exit 2), constant (exit 2)" in (
+      done.stderr)

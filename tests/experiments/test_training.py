@@ -11,30 +11,19 @@ import pytest
 from PIL import Image
 
 from experiments.configs import default
+from experiments.configs import paper
+from experiments.configs import quick
 from experiments.lib import data as data_lib
 from experiments.lib import loop
 from experiments.lib import steps
 from tests import helpers
 
-CONFIGS = ["cifar10_sd", "cifar10_constant", "cifar100_sd", "cifar100_constant", "svhn_sd",
-           "svhn_constant", "cifar10_resnet1202_sd", "cifar10_resnet1202_constant", "quick"]
+CONFIGS = [("paper", f"{run}{variant}") for run in paper.RUNS for variant in ("", ",constant")
+           ] + [("quick", ""), ("quick", "tiny")]
 
 
 def tiny_config(**overrides):
-  config = default.get_config()
-  config.model.depth = 8
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.epochs = 1
-  config.log_every_steps = 2
-  config.validation_size = 8
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return default.override(quick.get_config("tiny"), overrides)
 
 
 def tiny_dataset(n=48, seed=0):
@@ -58,22 +47,29 @@ def test_paper_schedule_boundaries():
 
 
 def test_resnet1202_warmup_and_svhn_schedule():
-  config = importlib.import_module("experiments.configs.cifar10_resnet1202_sd").get_config()
+  config = paper.get_config("cifar10_1202")
   lr = steps.learning_rate_schedule(config, 100)
   assert [float(lr(s)) for s in (0, 999, 1000, 14999, 15000, 22500)] == pytest.approx(
       [0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
-  svhn = importlib.import_module("experiments.configs.svhn_sd").get_config()
+  svhn = paper.get_config("svhn")
   lr = steps.learning_rate_schedule(svhn, 100)  # 50 epochs: drops after 30 and 35
   assert [float(lr(s)) for s in (2999, 3000, 3499, 3500)] == pytest.approx(
       [0.1, 0.01, 0.01, 0.001])
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_builds_its_model(name):
-  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_every_config_builds_its_model(name, arg):
+  config = importlib.import_module(f"experiments.configs.{name}").get_config(arg)
   model = steps.build_model(config, 10)
   assert model.num_blocks == 3 * (config.model.depth - 2) // 6
-  assert (model.survival_probs()[-1] == 1.0) == name.endswith("constant")
+  assert (model.survival_probs()[-1] == 1.0) == arg.endswith("constant")
+
+
+def test_an_unknown_config_argument_names_the_choices():
+  with pytest.raises(ValueError, match="give one of cifar10, cifar100, svhn, cifar10_1202"):
+    paper.get_config("cifar10,shallow")
+  with pytest.raises(ValueError, match="give none or 'tiny'"):
+    quick.get_config("huge")
 
 
 def test_validation_split_is_disjoint_seeded_and_stable():
@@ -153,7 +149,7 @@ def test_end_to_end_on_an_image_folder_with_4_devices(tmp_path):
   assert saved["steps"] == 2 * (32 // 8) and saved["finished"]
   assert saved["dataset"].startswith("folder:data: 32 train, 4 validation, 12 test, 3 classes")
   for key in ("best_validation_error", "test_error_at_best_validation", "final_test_error",
-              "wall_time_s", "pipeline_images_per_s", "seed", "config"):
+              "final_validation_error", "wall_time_s", "seed", "config"):
     assert saved[key] is not None, key
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert any("validation/error" in l for l in lines) and any("train/loss" in l for l in lines)
