@@ -12,13 +12,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flags_parser: absl's parsing, with every problem of the flags or of the
   config file they name (a missing file, an unknown field, a value of the wrong type, an
   unknown config argument) printed as one line instead of a traceback; exit 2."""
+  for i, arg in enumerate(argv[1:], 1):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None and not os.path.isfile(value.split(":")[0]):
+      _fail(f"config file {value.split(':')[0]} does not exist (the configs are in "
+            "experiments/configs/)")
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS:
-      path = flags.FLAGS["config"].config_filename.split(":")[0]
-      if not os.path.isfile(path):
-        _fail(f"config file {path} does not exist (the configs are in "
-              "experiments/configs/)")
       _ = flags.FLAGS.config  # a config file that fails to load fails here
     return rest
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError,
