@@ -166,11 +166,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
 # ------------------------------------------------------------------------ evaluation
 
 
+def eval_batches(split: data_lib.Split, config):
+  """This process's evaluation batches of `split` (every example once over all hosts)."""
+  return data_lib.eval_batches(split, config.eval_batch_size, jax.local_device_count(),
+                               jax.process_index(), jax.process_count())
+
+
 def evaluate(p_eval, state, split: data_lib.Split, config) -> dict:
   """Loss and error of the replicated `state` on `split` (every example once)."""
   totals = None
-  for batch in data_lib.eval_batches(split, config.eval_batch_size, jax.local_device_count(),
-                                     jax.process_index(), jax.process_count()):
+  for batch in eval_batches(split, config):
     sums = p_eval(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return steps_lib.summarize(jax.device_get(jax_utils.unreplicate(totals)))
@@ -444,7 +449,7 @@ class Training:
                                             set(self.chunks), dataset, config)
       if jax.process_count() == 1:  # else compiled on first call (see compile_train_steps)
         self.p_eval = steps_lib.compile_ahead(self.p_eval, self.state, next(
-            self._eval_batches(dataset.validation)))[0]
+            eval_batches(dataset.validation, config)))[0]
     logging.info("compiled in %.1f s", self.watch.totals["compile_s"])
 
   def batches(self):
@@ -605,11 +610,6 @@ class Training:
                     "missing" if results is None else "of another step")
     self.compile(train=False)
     return self.finish()
-
-  def _eval_batches(self, split):
-    return data_lib.eval_batches(split, self.config.eval_batch_size,
-                                 jax.local_device_count(), jax.process_index(),
-                                 jax.process_count())
 
 
 def compile_train_steps(p_train, state, metrics, lengths, dataset, config) -> dict:
