@@ -33,8 +33,8 @@ def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
 def test_compile_only_reports_memory_that_remat_lowers():
   memory = {}
   for remat in (False, True):
-    rows = timing.measure(common.cases(["20:64"]), compile_only=True, remat=remat,
-                          skips=["compact"], forced_gates=False)
+    rows = timing.measure(common.cases(["8:32"]), compile_only=True, remat=remat,
+                          skips=[], forced_gates=False)
     assert all(r["median_ms"] is None and r["compile_s"] > 0 for r in rows)
     memory[remat] = [r["memory_gib"] for r in rows]
   assert all(m_remat < m for m, m_remat in zip(memory[False], memory[True])), memory

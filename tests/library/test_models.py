@@ -106,10 +106,20 @@ GATE_PATTERNS = [
 
 
 @functools.lru_cache(maxsize=None)
+def resnet20_variables():
+  return models.CifarResNet20().init(jax.random.key(0), X)
+
+
+@functools.lru_cache(maxsize=None)
+def resnet20_step(skip):
+  """One compiled training gradient per skip method; the gates are its argument."""
+  model = models.CifarResNet20(skip=skip)
+  return jax.jit(lambda v, gates: train_step_outputs(model, v, gates))
+
+
+@functools.lru_cache(maxsize=None)
 def resnet20_outputs(skip, pattern):
-  gates = jnp.array(pattern, bool)
-  v = models.CifarResNet20().init(jax.random.key(0), X)
-  return jax.jit(lambda v: train_step_outputs(models.CifarResNet20(skip=skip), v, gates))(v)
+  return resnet20_step(skip)(resnet20_variables(), jnp.array(pattern, bool))
 
 
 @pytest.mark.parametrize("pattern", GATE_PATTERNS)
@@ -121,10 +131,9 @@ def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(patt
 
 @pytest.mark.parametrize("skip", ["cond", "mask", "compact"])
 def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
-  gates = jnp.array(GATE_PATTERNS[1], bool)
-  model = models.CifarResNet20(skip=skip)
-  v = model.init(jax.random.key(0), X)
-  _, grads, stats = jax.jit(lambda v: train_step_outputs(model, v, gates))(v)
+  gates = GATE_PATTERNS[1]
+  v = resnet20_variables()
+  _, grads, stats = resnet20_outputs(skip, tuple(gates))
   # Blocks 1-3 form the stage1 scan; block 4 is stage2_first; 5-6 stage2 scan; ...
   layout = {"stage1_blocks": [0, 1, 2], "stage2_first": [3], "stage2_blocks": [4, 5],
             "stage3_first": [6], "stage3_blocks": [7, 8]}
@@ -225,11 +234,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
 
 @pytest.mark.parametrize("skip", ["cond", "compact"])
 def test_remat_gives_the_same_gradients(skip):
-  gates = jnp.array(GATE_PATTERNS[1], bool)
-  v = models.CifarResNet20().init(jax.random.key(0), X)
-  plain = train_step_outputs(models.CifarResNet20(skip=skip), v, gates)
-  remat = train_step_outputs(models.CifarResNet20(skip=skip, remat=True), v, gates)
-  helpers.assert_trees_close(plain, remat)
+  pattern = tuple(GATE_PATTERNS[1])
+  model = models.CifarResNet20(skip=skip, remat=True)
+  remat = jax.jit(lambda v, gates: train_step_outputs(model, v, gates))(
+      resnet20_variables(), jnp.array(pattern, bool))
+  helpers.assert_trees_close(resnet20_outputs(skip, pattern), remat)
 
 
 def test_row_mode_trains_with_per_example_gates():

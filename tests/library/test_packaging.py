@@ -1,5 +1,6 @@
 """The library stands alone: jax, flax and numpy, nothing of the experiments."""
 import configparser
+import os
 import pathlib
 import re
 import subprocess
@@ -44,8 +45,11 @@ def test_readme_library_example_runs_with_the_experiment_packages_blocked():
       assert not loaded, loaded
       print("library alone: ok")
       """)
+  # A bare environment but for the test session's JAX settings (conftest: its compilation
+  # cache and optimisation level), so that the program compiles as the tests do.
+  jax_settings = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}
   done = subprocess.run([sys.executable, "-c", program], cwd=ROOT / "tests", capture_output=True,
-                        text=True, timeout=300, env={"JAX_PLATFORMS": "cpu",
+                        text=True, timeout=300, env={**jax_settings, "JAX_PLATFORMS": "cpu",
                                                      "PATH": "/usr/bin:/bin",
                                                      "PYTHONPATH": str(ROOT)})
   assert done.returncode == 0, done.stderr[-3000:]
