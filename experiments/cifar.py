@@ -7,10 +7,10 @@ Started again with the same --workdir, a run resumes from its newest good checkp
 Exit status: 0 done (or halted as asked), 2 a problem to fix (printed in one line),
 3 training diverged, 5 a fault of the filesystem (no space, read-only, no permission:
 printed in one line; the checkpoints kept are good), 75 stopped by SIGTERM/SIGINT or
-preemption after saving a checkpoint (run the same command to continue), 4 (several
-processes) a computation
-shared with the other processes failed, e.g. because one of them died: start every
-process again to resume from the newest checkpoint.
+preemption after saving a checkpoint (run the same command to continue), 130 stopped at
+once by a second SIGINT, 4 (several processes) a computation shared with the other
+processes failed, e.g. because one of them died: start every process again to resume
+from the newest checkpoint.
 """
 
 import os
@@ -68,9 +68,10 @@ def main(argv):
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     exit_alone(2)
-  except OSError as e:
-    print(f"error: {errors.filesystem_message(e)}", file=sys.stderr)
-    exit_alone(errors.FILESYSTEM_EXIT_CODE)
+  except KeyboardInterrupt:  # a second Ctrl-C: stop now, the step in flight is lost
+    print("stopped at once by a second signal: run the same command again to resume "
+          "from the newest checkpoint.", file=sys.stderr)
+    exit_alone(130)
   except (errors.Diverged, errors.Preempted) as e:
     # Every process raises these at the same step: they leave together.
     logging.error("%s", e)
@@ -78,6 +79,10 @@ def main(argv):
           file=sys.stderr)
     sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
+    fault = errors.filesystem_error(e)
+    if fault is not None:  # also when orbax or tensorstore report it in their own words
+      print(f"error: {errors.filesystem_message(fault, FLAGS.workdir)}", file=sys.stderr)
+      exit_alone(errors.FILESYSTEM_EXIT_CODE)
     if not jax.distributed.is_initialized():
       raise  # one process: a bug keeps its traceback and exit status
     logging.exception("process %d failed", jax.process_index())

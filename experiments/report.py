@@ -8,6 +8,8 @@ paper's), Table 2 (training time of every stochastic / constant-depth pair), the
 first-block gradient (Fig. 7), survival probabilities and expected depth, and the p_L
 sweep (Fig. 8, left) when at least 3 runs differ only in p_L or rule. Unfinished runs
 are reported from metrics.jsonl; a directory without metrics.jsonl is skipped.
+`--failed=NAME=EXIT_STATUS` (repeated; experiments.sweep passes them) lists runs that
+failed.
 Exit status: 0 written, 2 a problem to fix (printed in one line).
 """
 
@@ -23,17 +25,31 @@ from experiments.lib import tables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory (local or gs://) for REPORT.md and figures.")
+flags.DEFINE_multi_string("failed", [], "A run that failed, as NAME=EXIT_STATUS: listed "
+                          "in the report's 'Failed runs' (experiments.sweep passes them).")
 flags.mark_flag_as_required("out")
 
 
-def report(run_dirs: list[str], out: str) -> int:
-  """Writes OUT/REPORT.md for `run_dirs`; prints its path, or one error line.
+def parse_failed(values: list[str]) -> list[tuple[str, int]]:
+  """(name, exit status) of each --failed=NAME=EXIT_STATUS."""
+  failed = []
+  for value in values:
+    name, _, code = value.rpartition("=")
+    if not name or not code.lstrip("-").isdigit():
+      raise errors.UserError(f"--failed={value}: give NAME=EXIT_STATUS, e.g. constant=2.")
+    failed.append((name, int(code)))
+  return failed
+
+
+def report(run_dirs: list[str], out: str, failed: list[str] = ()) -> int:
+  """Writes OUT/REPORT.md for `run_dirs` (and the `failed` runs, NAME=EXIT_STATUS);
+  prints its path, or one error line.
 
   Returns:
     The exit status: 0 written, 2 a problem to fix.
   """
   try:
-    path, warnings = tables.write_report(run_dirs, out)
+    path, warnings = tables.write_report(run_dirs, out, parse_failed(list(failed)))
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -46,7 +62,7 @@ def report(run_dirs: list[str], out: str) -> int:
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one RUN_DIR (the --workdir of a training run).")
-  sys.exit(report(argv[1:], FLAGS.out))
+  sys.exit(report(argv[1:], FLAGS.out, FLAGS.failed))
 
 
 if __name__ == "__main__":

@@ -5,23 +5,52 @@ fault of the filesystem likewise (`filesystem_message`, exit 5); any other excep
 bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 import errno
+import os
+import re
 
 FILESYSTEM_EXIT_CODE = 5
 
 _FILESYSTEM_FIXES = {
-    errno.ENOSPC: "free some space (or give another --workdir)",
-    errno.EDQUOT: "free some space (or give another --workdir)",
-    errno.EROFS: "the filesystem is read-only: give another --workdir",
-    errno.EACCES: "make it writable for this user, or give another --workdir",
-    errno.EPERM: "make it writable for this user, or give another --workdir",
-    errno.ENOENT: "it vanished while the run used it: restore it or give another --workdir",
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is used up)",
+    errno.EROFS: "the filesystem is read-only: make it writable",
+    errno.EACCES: "make it writable for this user",
+    errno.EPERM: "make it writable (and not immutable: chattr -i) for this user",
+    errno.ENOENT: "it vanished while the run used it: restore it",
 }
 
 
-def filesystem_message(error: OSError) -> str:
-  """One line for a fault of the filesystem: what failed, on which path, and the fix."""
-  path = f" ({error.filename})" if error.filename else ""
+def filesystem_error(error: BaseException) -> OSError | None:
+  """The fault of the filesystem behind `error`, or None if there is none.
+
+  Looks through the chain of exceptions (`raise ... from`, and errors raised while
+  handling others): an `OSError` with an errno, or tensorstore's (orbax's) report of one,
+  which arrives as a ValueError whose message carries `[os_error_code='28']` and the
+  path it failed on.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code:
+      paths = re.findall(r'(?:Failed writing|Failed reading|local file): "([^"]+)"',
+                         str(error))
+      number = int(code.group(1))
+      return OSError(number, os.strerror(number), paths[-1] if paths else None)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def filesystem_message(error: OSError, workdir: str | None = None) -> str:
+  """One line for a fault of the filesystem: what failed, on which path (else in which
+  `workdir`), and the fix."""
+  where = error.filename or (workdir and f"in {workdir}")
+  path = f" ({where})" if where else ""
   fix = _FILESYSTEM_FIXES.get(error.errno, "fix it")
   return (f"{error.strerror or error}{path}: {fix}, then run the same command again "
           "(it resumes from the newest good checkpoint).")

@@ -250,8 +250,8 @@ class StopRequest:
   a SIGINT is passed on to it as a SIGTERM (a second SIGINT acts as usual).
   """
 
-  def __init__(self, checkpoints: checkpoint_lib.Checkpoints):
-    self._checkpoints = checkpoints
+  def __init__(self):
+    self.checkpoints: checkpoint_lib.Checkpoints | None = None  # set once the run has them
     self._signal: str | None = None
     self._previous = {}
 
@@ -286,7 +286,7 @@ class StopRequest:
 
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return bool(self._checkpoints.latest.reached_preemption(step))
+      return bool(self.checkpoints.latest.reached_preemption(step))
     return self._signal is not None
 
 
@@ -351,35 +351,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_config(config)
   path = workdir_lib.resolve(workdir)
   lock = workdir_lib.Lock(path)
-  if jax.process_index() == 0:
-    lock.acquire()
+  # Signals are handled from taking the lock until the last write is done: one while
+  # loading or compiling stops the run after its first call; one after the last
+  # checkpoint lets it finish writing the results (seconds) and end as if it came later.
   # However the run ends, pending checkpoint writes complete before the lock is freed.
-  with contextlib.ExitStack() as cleanup:
+  with StopRequest() as stop_requested, contextlib.ExitStack() as cleanup:
+    if jax.process_index() == 0:
+      lock.acquire()
     cleanup.callback(lock.release)
     run = Training(config, path, dataset, allow_config_change, clock, cleanup)
+    stop_requested.checkpoints = run.checkpoints
     if run.start_step >= run.plan.stop_step:
       return run.already_done()
-    # Signals are handled from compiling until the results are written: one while
-    # compiling stops the run after its first call, one after the last checkpoint lets
-    # it finish writing the results (seconds) and end as if it came later.
-    with StopRequest(run.checkpoints) as stop_requested:
-      run.compile()
-      for length, batch in zip(run.chunks, run.batches()):
-        run.train(length, batch)
-        events, stopping = run.plan.events(run.step), stop_requested(run.step)
-        if not (events or stopping):
-          continue
-        totals = run.sync()
-        run.check_finite(totals)
-        if events.log:
-          run.log(totals)
-        if events.evaluate and run.evaluate():
-          run.checkpoint(best=True)
-        if events.checkpoint or stopping:
-          run.checkpoint()
-        if stopping and not events.stop:
-          raise errors.Preempted(run.step)
-      return run.finish()
+    run.compile()
+    for length, batch in zip(run.chunks, run.batches()):
+      run.train(length, batch)
+      events, stopping = run.plan.events(run.step), stop_requested(run.step)
+      if not (events or stopping):
+        continue
+      totals = run.sync()
+      run.check_finite(totals)
+      if events.log:
+        run.log(totals)
+      if events.evaluate and run.evaluate():
+        run.checkpoint(best=True)
+      if events.checkpoint or stopping:
+        run.checkpoint()
+      if stopping and not events.stop:
+        raise errors.Preempted(run.step)
+    return run.finish()
 
 
 class Training:

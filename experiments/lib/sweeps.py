@@ -95,10 +95,11 @@ class StopForwarding:
 def run(sweep: str, config_file: str, root: str, base_p_last: float,
         overrides: list[str], report: bool = True) -> int:
   """Runs every config of `sweep` in its own process and workdir ROOT/NAME, then the
-  report of the finished ones into ROOT/report; returns the sweep's exit status: 75 when
+  report into ROOT/report: the finished runs, what the failed ones logged, and a list of
+  the failed ones with their exit status. Returns the sweep's exit status: 75 when
   stopped by a signal (to the sweep or to a run), 1 when any run failed, else the
   report's."""
-  finished, failed = [], []
+  reported, failed = [], []
   with StopForwarding() as stop:
     for name, extra in runs(sweep, base_p_last):
       workdir = os.path.join(root, name)
@@ -112,15 +113,20 @@ def run(sweep: str, config_file: str, root: str, base_p_last: float,
       if code != 0:
         logging.error("[%s] failed with exit code %d; going on with the next run.", name,
                       code)
-        failed.append(f"{name} (exit {code})")
-        continue
-      finished.append(workdir)
+        failed.append((name, code))
+        if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+          continue  # it never logged: nothing of it to plot
+      reported.append(workdir)
   report_code = 0
-  if report and finished:
-    command = [sys.executable, "-m", "experiments.report", *finished,
-               f"--out={os.path.join(root, 'report')}"]
+  if report and reported:
+    command = [sys.executable, "-m", "experiments.report", *reported,
+               f"--out={os.path.join(root, 'report')}",
+               *(f"--failed={name}={code}" for name, code in failed)]
     report_code = subprocess.run(command, check=False).returncode
   if failed:
-    logging.error("failed runs, left out of the report: %s", ", ".join(failed))
+    where = ("listed in the report as failed" if report and reported else
+             "no report: none of them logged" if report else "no report asked for")
+    logging.error("failed runs (%s): %s", where,
+                  ", ".join(f"{name} (exit {code})" for name, code in failed))
     return 1
   return report_code

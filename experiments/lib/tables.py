@@ -169,9 +169,10 @@ def expected_depth_markdown(rows: Sequence[tuple[runs_lib.Run, int, float]]) -> 
 # ----------------------------------------------------------------------- report
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
-                 ) -> tuple[epath.Path, list[str]]:
-  """Writes the figures and OUT/REPORT.md for the runs in `run_dirs`.
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 failed: Sequence[tuple[str, int]] = ()) -> tuple[epath.Path, list[str]]:
+  """Writes the figures and OUT/REPORT.md for the runs in `run_dirs`, and lists the
+  `failed` runs of a sweep, (name, exit status), in a section of their own.
 
   Returns:
     The path of REPORT.md and the warnings about directories skipped or read in part
@@ -186,6 +187,12 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   sections = ["# Stochastic depth: report\n", _runs_section(runs)]
+  if failed:
+    sections.append(
+        "## Failed runs\n\nThese runs of the sweep ended in failure (exit status as "
+        "`experiments.cifar` documents it; their logs say why). Runs above that share "
+        "their name are what they wrote before failing.\n\n" +
+        markdown_table(["run", "exit status"], [(name, str(code)) for name, code in failed]))
   figures.save_figure(figures.learning_curves_figure(runs), out / figures.FIGURE_FILES["curves"])
   sections.append(
       "## Learning curves (Fig. 3)\n\n"

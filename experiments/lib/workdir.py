@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -45,10 +46,16 @@ def resolve(workdir: str | os.PathLike) -> epath.Path:
 
 
 def write_text_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` so that readers see the old or the new file, never half."""
+  """Writes `text` to `path` so that readers see the old or the new file, never half
+  (and a failed write, e.g. on a full disk, leaves no half-written temporary behind)."""
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise
 
 
 class Lock:
@@ -80,6 +87,15 @@ class Lock:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} (started {started})\n")
     handle.flush()
     self._file = handle
+    # An immutable or unwritable workdir may still let an existing lock file be written:
+    # find out now, before compiling, that new files can be made in it.
+    probe = self.path.parent / f".write-check-{os.getpid()}"
+    try:
+      probe.write_text("")
+      probe.unlink()
+    except OSError:
+      self.release()
+      raise
 
   def release(self) -> None:
     if self._file is not None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import json
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -24,21 +25,41 @@ _OUR_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OnlyOurInfo(std_logging.Filter):
-  """Keeps this project's log lines and every library's warnings and errors; drops the
-  libraries' INFO chatter (orbax's temporary directories, barriers, ...)."""
+  """Keeps this project's log lines and every library's warnings and errors, the latter
+  without their tracebacks (orbax logs each failed write of a full disk with one); drops
+  the libraries' INFO chatter (orbax's temporary directories, barriers, ...) and
+  asyncio's reports of the other writes of a failed checkpoint, which fail alike."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_OUR_CODE))
+    if os.path.abspath(record.pathname).startswith(_OUR_CODE):
+      return True
+    if record.name == "asyncio" and "exception was never retrieved" in record.getMessage():
+      return False  # the other writes of a failed checkpoint, collected at exit
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return record.levelno >= std_logging.WARNING
+
+
+def _without_closed_loop_noise(unraisable) -> None:
+  """sys.unraisablehook that drops the "Event loop is closed" errors of tensorstore's
+  late completions: when a checkpoint write or read fails, orbax closes its event loop
+  while the other writes still complete, and each prints a traceback from a C++ thread,
+  dozens of them burying the real error (which the run reports in one line)."""
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def quiet_libraries(enabled: bool = True) -> None:
-  """Silences other libraries' INFO logging on absl's handler (or restores it)."""
+  """Silences other libraries' INFO logging and tracebacks on absl's handler, and the
+  closed-event-loop noise of failed checkpoint writes (or restores both)."""
   handler = logging.get_absl_handler()
   for f in [f for f in handler.filters if isinstance(f, OnlyOurInfo)]:
     handler.removeFilter(f)
+  sys.unraisablehook = sys.__unraisablehook__
   if enabled:
     handler.addFilter(OnlyOurInfo())
+    sys.unraisablehook = _without_closed_loop_noise
 
 
 def format_duration(seconds: float) -> str:

@@ -305,11 +305,18 @@ def test_a_bad_flag_or_config_is_one_error_line(tmp_path, flag, says):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The workdir of `cli`'s run without faults, to compare the faulted runs with."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  done = subprocess.run(cli(workdir), cwd=ROOT, env=CLI_ENV, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return workdir
+
+
 @pytest.mark.e2e
-def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path):
-  straight = subprocess.run(cli(tmp_path / "straight"), cwd=ROOT, env=CLI_ENV,
-                            capture_output=True, text=True, timeout=300)
-  assert straight.returncode == 0, straight.stderr[-2000:]
+def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path, straight):
   process = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=CLI_ENV,
                              stderr=subprocess.PIPE, text=True)
   try:
@@ -337,10 +344,147 @@ def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path)
   assert sources == {"cifar.py", "loop.py"}, sources
   assert re.search(r"best validation error \d+\.\d\d% at step \d+; test error there "
                    r"\d+\.\d\d%", resumed.stderr)
-  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "straight"))
-  for key in ("best_validation_error", "best_validation_step", "final_test_error"):
+  assert_ends_as(tmp_path / "run", straight)
+
+
+def signal_when(workdir, line_says, signum=signal.SIGTERM):
+  """Runs `cli(workdir)`, sends `signum` as soon as a stderr line contains `line_says`,
+  and returns (exit status, the rest of stderr)."""
+  process = subprocess.Popen(cli(workdir), cwd=ROOT, env=CLI_ENV, stderr=subprocess.PIPE,
+                             text=True)
+  try:
+    for line in process.stderr:
+      if line_says in line:
+        process.send_signal(signum)
+        break
+    rest = process.stderr.read()
+    return process.wait(120), rest
+  finally:
+    process.kill()
+
+
+@pytest.mark.e2e
+def test_a_signal_while_compiling_or_finishing_ends_defined_and_loses_nothing(tmp_path,
+                                                                             straight):
+  """While compiling (right after the model line): the run trains its first call,
+  checkpoints and exits 75. While finishing (right after the final evaluation): it writes
+  its final checkpoint and results and exits 0. Neither prints a traceback, and the same
+  command again ends exactly as the run without signals."""
+  compiling, rest = signal_when(tmp_path / "compiling", "model: cifar-8")
+  assert compiling == 75, rest[-3000:]
+  assert "stopped: stopped by request at step 1;" in rest and "Traceback" not in rest
+  resumed = subprocess.run(cli(tmp_path / "compiling"), cwd=ROOT, env=CLI_ENV,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0 and "resumed from step 1" in resumed.stderr
+  assert_ends_as(tmp_path / "compiling", straight)
+
+  finishing, rest = signal_when(tmp_path / "finishing", "step 78: validation error")
+  assert finishing == 0, rest[-3000:]
+  assert "SIGTERM received" in rest and "Traceback" not in rest
+  assert_ends_as(tmp_path / "finishing", straight)
+
+
+def assert_ends_as(workdir, straight):
+  """`workdir`'s run ended exactly as the straight one: same results, bit-identical
+  final checkpoint (every array's CRC-32 agrees), every step trained once."""
+  a, b = (json.loads((d / "results.json").read_text()) for d in (workdir, straight))
+  for key in ("finished", "best_validation_error", "best_validation_step",
+              "final_test_error"):
     assert a[key] == b[key], key
-  # Bit-identical: every array's CRC-32 in the final checkpoints agrees.
-  assert latest_meta(tmp_path / "run")[1]["checksums"] == latest_meta(
-      tmp_path / "straight")[1]["checksums"]
+  assert latest_meta(workdir)[1]["checksums"] == latest_meta(straight)[1]["checksums"]
   assert a["timing"]["train_steps"] == b["timing"]["train_steps"] == 78
+
+
+# ------------------------------------------------------------ faults of the filesystem
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """An 8 MiB tmpfs of its own (skipped where this machine may not mount one)."""
+  mount_point = tmp_path / "fs"
+  mount_point.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                            str(mount_point)], capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    yield mount_point
+  finally:
+    subprocess.run(["chattr", "-R", "-i", str(mount_point)], capture_output=True, check=False)
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_fault_of_the_filesystem_is_found_in_orbax_words_and_in_exception_chains():
+  tensorstore = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0" in OCDBT database at local '
+      'file "/w/checkpoints/78.tmp/": Failed writing: "/w/checkpoints/78.tmp/d/9c7c": '
+      "Failed to write 477111 bytes to file 25: No space left on device "
+      "[os_error_code='28']")
+  found = errors.filesystem_error(tensorstore)
+  assert (found.errno, found.filename) == (28, "/w/checkpoints/78.tmp/d/9c7c")
+  assert errors.filesystem_message(found).startswith(
+      "No space left on device (/w/checkpoints/78.tmp/d/9c7c): free some space, then run "
+      "the same command again")
+  try:
+    try:
+      raise PermissionError(13, "Permission denied", "/w/metrics.jsonl")
+    except OSError as e:
+      raise RuntimeError("closing the checkpoint managers failed") from e
+  except RuntimeError as chained:
+    assert errors.filesystem_error(chained).filename == "/w/metrics.jsonl"
+  assert errors.filesystem_error(ValueError("shapes differ")) is None
+  assert errors.filesystem_message(OSError(28, "No space left on device"), "/w") == (
+      "No space left on device (in /w): free some space, then run the same command again "
+      "(it resumes from the newest good checkpoint).")
+
+
+def fill(filesystem, leave_bytes):
+  """Fills `filesystem` with a ballast file until only `leave_bytes` are free."""
+  stats = os.statvfs(filesystem)
+  ballast = filesystem / "ballast"
+  ballast.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leave_bytes))
+  return ballast
+
+
+def assert_one_error_line(done, says):
+  assert done.returncode == errors.FILESYSTEM_EXIT_CODE, done.stderr[-3000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {says}") and "run the same command again" in last, last
+  for noise in ("Traceback", "Event loop is closed", "exception was never retrieved"):
+    assert noise not in done.stderr, noise
+
+
+@pytest.mark.e2e
+def test_every_fault_of_the_filesystem_is_one_line_exit_5_and_loses_nothing(
+    small_filesystem, straight):
+  """Read-only, immutable, then full while saving the final checkpoint: each run ends in
+  one line naming the fault and its fix; the checkpoint of step 39 survives them all,
+  and once the fault is gone the same command ends exactly as a run without faults."""
+  workdir = small_filesystem / "run"
+  run = lambda *extra: subprocess.run(cli(workdir, *extra), cwd=ROOT, env=CLI_ENV,
+                                      capture_output=True, text=True, timeout=300)
+  assert run("--config.halt_after_steps=39").returncode == 0
+  checkpoint_39 = latest_meta(workdir)
+
+  subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+  assert_one_error_line(run(), f"Read-only file system ({workdir}")
+  subprocess.run(["mount", "-o", "remount,rw", str(small_filesystem)], check=True)
+
+  subprocess.run(["chattr", "+i", str(workdir)], check=True)
+  immutable = run()
+  assert_one_error_line(immutable, f"Operation not permitted ({workdir}")
+  assert "chattr -i" in immutable.stderr
+  subprocess.run(["chattr", "-i", str(workdir)], check=True)
+
+  ballast = fill(small_filesystem, leave_bytes=64 * 1024)  # a checkpoint takes ~600 KiB
+  full = run()
+  assert_one_error_line(full, "No space left on device (")
+  assert "compiled in" in full.stderr  # it failed saving, after training
+  assert not list(workdir.glob("*.tmp")), list(workdir.glob("*.tmp"))
+  assert latest_meta(workdir) == checkpoint_39
+  ballast.unlink()
+
+  resumed = run()
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 39" in resumed.stderr
+  assert_ends_as(workdir, straight)

@@ -103,5 +103,44 @@ def test_a_failed_config_makes_the_sweep_exit_1_and_names_it(tmp_path):
                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 1, done.stderr[-3000:]
-  assert "failed runs, left out of the report: stochastic (exit 2), constant (exit 2)" in (
-      done.stderr)
+  assert "failed runs (no report: none of them logged): stochastic (exit 2), " \
+         "constant (exit 2)" in done.stderr
+  assert not (tmp_path / "pair" / "report").exists()
+
+
+def test_the_report_lists_a_failed_config_with_its_exit_status(tmp_path, monkeypatch):
+  """One run finishes, one diverges (it logged), one fails before logging (a p_last
+  sweep cut to three): the sweep exits 1 and the report shows the two that logged and
+  lists both failures with their exit statuses."""
+  from experiments import report as report_cli
+  from tests.experiments.test_report import make_run
+  outcomes = {"linear_decay_p0.1": 0, "linear_decay_p0.2": 3, "linear_decay_p0.3": 2}
+  every_run = sweeps.runs
+  monkeypatch.setattr(sweeps, "runs", lambda sweep, p_last: every_run(sweep, p_last)[:3])
+
+  def fake_run(self, command):
+    del self
+    workdir = pathlib.Path(next(a.split("=", 1)[1] for a in command
+                                if a.startswith("--workdir=")))
+    code = outcomes[workdir.name]
+    if code != 2:
+      make_run(workdir.parent, workdir.name, finished=code == 0)
+    return code
+
+  def report_in_process(command, check):
+    del check
+    dirs = [a for a in command[3:] if not a.startswith("--")]
+    out = next(a.split("=", 1)[1] for a in command if a.startswith("--out="))
+    failed = [a.split("=", 1)[1] for a in command if a.startswith("--failed=")]
+    return type("Done", (), {"returncode": report_cli.report(dirs, out, failed)})()
+
+  monkeypatch.setattr(sweeps.StopForwarding, "run", fake_run)
+  monkeypatch.setattr(sweeps.subprocess, "run", report_in_process)
+  assert sweeps.run("p_last", "quick.py", str(tmp_path), 0.5, []) == 1
+  report = (tmp_path / "report" / "REPORT.md").read_text()
+  runs_table = report.split("## Failed runs")[0]
+  assert "linear_decay_p0.1" in runs_table and "linear_decay_p0.2" in runs_table
+  assert "linear_decay_p0.3" not in runs_table
+  failed_table = report.split("## Failed runs")[1].split("##")[0]
+  assert "| linear_decay_p0.2 | 3 |" in failed_table
+  assert "| linear_decay_p0.3 | 2 |" in failed_table
