@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import flags
@@ -35,6 +36,13 @@ def _message(error: BaseException) -> str:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
   first = lambda e: (str(e).strip().strip('"').splitlines() or [type(e).__name__])[0]
   outer, inner = first(chain[0]), chain[-1]
+  whole = re.match(r"flag --config\.([\w.]+)=(\S+): invalid literal for int\(\)", outer)
+  if whole:
+    field, value = whole.groups()
+    hint = {"epochs": ": the schedule is in whole epochs; to stop sooner, add "
+                      "--config.halt_after_steps=N (the same command without it goes on)"}
+    return (f"--config.{field} takes a whole number, got {value}"
+            f"{hint.get(field, '')}")
   if isinstance(inner, KeyError):
     return f"the config has no field {first(inner)} (fields: experiments/configs/default.py)"
   if first(inner) in outer:

@@ -293,7 +293,9 @@ def test_cli_user_errors_are_one_line_and_divergence_exits_3(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("flag, says", [
     ("--config.foo=1", "foo"), ("--config=experiments/configs/nope.py", "nope.py"),
-    ("--config.epochs=many", "epochs"), ("--config=experiments/configs/paper.py:mnist",
+    ("--config.epochs=many", "epochs"),
+    ("--config.epochs=0.5", "--config.epochs takes a whole number, got 0.5: the schedule "
+     "is in whole epochs; to stop sooner, add --config.halt_after_steps=N"), ("--config=experiments/configs/paper.py:mnist",
                                          "unknown paper run 'mnist'")])
 def test_a_bad_flag_or_config_is_one_error_line(tmp_path, flag, says):
   done = subprocess.run(cli(tmp_path / "w", flag), cwd=ROOT, env=CLI_ENV,
