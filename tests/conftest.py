@@ -1,8 +1,10 @@
 """Test set-up: four host CPU devices, so that pmap tests use a real multi-device pmap.
 
 XLA_FLAGS must be set before jax is first imported. The JAX settings go through the
-environment, so the tests' subprocesses (real runs of the CLIs) inherit them: XLA's
-optimisations cost more compile time than the tests' tiny programs gain from them.
+environment, so the tests' subprocesses (real runs of the CLIs) inherit them, but for
+XLA's optimisations: in this process they cost more compile time than the tests' tiny
+programs gain from them, while the subprocesses train hundreds of steps, and with the
+shared compilation cache compile each program once.
 """
 import atexit
 import os
@@ -15,7 +17,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # One persistent compilation cache for the whole session (the test workers and every
 # subprocess inherit the variable): the many runs of the same tiny config, in-process
 # and as programs, compile each program once.

@@ -54,9 +54,12 @@ def free_port() -> int:
 
 
 def cli_env(devices: int) -> dict[str, str]:
-  # None of the test session's JAX settings: the tolerance of the comparison with one
-  # process is that of XLA's optimised programs.
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  # None of the test session's JAX settings but its compilation cache (the fault tests
+  # run one program many times): the tolerance of the comparison with one process is
+  # that of XLA's optimised programs.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_") or k.startswith(("JAX_COMPILATION_CACHE",
+                                                      "JAX_PERSISTENT_CACHE"))}
   return {**env, "JAX_PLATFORMS": "cpu",
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
