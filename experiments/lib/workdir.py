@@ -59,11 +59,16 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
 
 
 class Lock:
-  """An exclusive lock on WORKDIR/lock, held from `acquire` to `release` (or death)."""
+  """An exclusive lock on the workdir, held from `acquire` to `release` (or death).
+
+  The lock is an flock on the workdir directory itself, so removing or damaging
+  WORKDIR/lock (which only names the holder: pid, host, start time) never lets a second
+  run in.
+  """
 
   def __init__(self, workdir: epath.Path):
     self.path = workdir / "lock"
-    self._file = None
+    self._fd: int | None = None
 
   def acquire(self) -> None:
     if not is_local(self.path):
@@ -71,39 +76,37 @@ class Lock:
                       self.path.parent)
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(self.path, "a+")  # pylint: disable=consider-using-with
+    fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      handle.close()
+      os.close(fd)
+      try:
+        holder = self.path.read_text().strip()
+      except (OSError, UnicodeDecodeError):
+        holder = ""
       raise errors.WorkdirBusy(
-          f"workdir {self.path.parent} is in use by {holder}: wait for that run to end, "
-          "stop it, or choose another --workdir.") from None
-    handle.seek(0)
-    handle.truncate()
+          f"workdir {self.path.parent} is in use by {holder or 'another process'}: wait for "
+          "that run to end, stop it, or choose another --workdir.") from None
+    self._fd = fd
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (started {started})\n")
-    handle.flush()
-    self._file = handle
-    # An immutable or unwritable workdir may still let an existing lock file be written:
-    # find out now, before compiling, that new files can be made in it.
-    probe = self.path.parent / f".write-check-{os.getpid()}"
     try:
-      probe.write_text("")
-      probe.unlink()
+      # Also finds out now, before compiling, that files can be made in the workdir (an
+      # immutable one may let existing files be written, not new ones).
+      write_text_atomic(self.path,
+                        f"pid {os.getpid()} on {socket.gethostname()} (started {started})\n")
     except OSError:
       self.release()
       raise
 
   def release(self) -> None:
-    if self._file is not None:
-      self._file.seek(0)
-      self._file.truncate()
-      fcntl.flock(self._file, fcntl.LOCK_UN)
-      self._file.close()
-      self._file = None
+    if self._fd is None:
+      return
+    with contextlib.suppress(OSError):
+      write_text_atomic(self.path, "")
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

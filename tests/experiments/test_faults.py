@@ -123,6 +123,23 @@ def test_a_live_workdir_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_
   assert run.results["steps"] == 1
 
 
+def test_removing_or_damaging_the_lock_file_never_lets_a_second_run_in(tmp_path):
+  workdir = workdir_lib.resolve(tmp_path)
+  first = workdir_lib.Lock(workdir)
+  first.acquire()
+  assert (tmp_path / "lock").read_text().startswith(f"pid {os.getpid()} on ")
+  (tmp_path / "lock").unlink()
+  with pytest.raises(errors.WorkdirBusy, match="in use by another process"):
+    workdir_lib.Lock(workdir).acquire()
+  (tmp_path / "lock").write_bytes(b"\xff\xfe garbage")
+  with pytest.raises(errors.WorkdirBusy):
+    workdir_lib.Lock(workdir).acquire()
+  first.release()
+  second = workdir_lib.Lock(workdir)
+  second.acquire()  # free once released
+  second.release()
+
+
 # ------------------------------------------------------------- damaged checkpoints
 
 
