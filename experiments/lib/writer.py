@@ -13,12 +13,14 @@ import json
 import logging as std_logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 from absl import logging
 from etils import epath
 
+from experiments.lib import errors
 from experiments.lib import workdir as workdir_lib
 
 _OUR_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,16 +52,31 @@ def _without_closed_loop_noise(unraisable) -> None:
   sys.__unraisablehook__(unraisable)
 
 
+def _filesystem_faults_in_one_line(failure) -> None:
+  """threading.excepthook: a background thread (orbax's writers, TensorBoard's event
+  writer) that dies of a fault of the filesystem says so in one warning line; the run
+  itself reports the fault (exit 5). Any other exception keeps its traceback."""
+  fault = errors.filesystem_error(failure.exc_value)
+  if fault is None:
+    threading.__excepthook__(failure)
+    return
+  name = failure.thread.name if failure.thread is not None else "a background thread"
+  logging.warning("%s stopped: %s", name, errors.filesystem_message(fault))
+
+
 def quiet_libraries(enabled: bool = True) -> None:
-  """Silences other libraries' INFO logging and tracebacks on absl's handler, and the
-  closed-event-loop noise of failed checkpoint writes (or restores both)."""
+  """Silences other libraries' INFO logging and tracebacks on absl's handler, the
+  closed-event-loop noise of failed checkpoint writes, and the tracebacks of background
+  threads that a fault of the filesystem ends (or restores all of them)."""
   handler = logging.get_absl_handler()
   for f in [f for f in handler.filters if isinstance(f, OnlyOurInfo)]:
     handler.removeFilter(f)
   sys.unraisablehook = sys.__unraisablehook__
+  threading.excepthook = threading.__excepthook__
   if enabled:
     handler.addFilter(OnlyOurInfo())
     sys.unraisablehook = _without_closed_loop_noise
+    threading.excepthook = _filesystem_faults_in_one_line
 
 
 def format_duration(seconds: float) -> str:
