@@ -3,6 +3,7 @@
 - `conv_general_dilated`: the convolution the models compute with.
 - `auto_skip`: how `skip="auto"` drops blocks.
 - `unroll_stages`: whether a stage's scan over its blocks is unrolled.
+- `gated_branch_policy`: what a branch inside a conditional keeps for its backward pass.
 
 Several training steps in one compiled call are a `lax.scan` on every backend: on CPU it
 was a Python loop while loops around convolutions were slow; with `sdnet.conv` the scan
@@ -76,6 +77,26 @@ def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:
   if platform() == "gpu" and stage:
     return "compact"
   return "cond"
+
+
+def gated_branch_policy(conv_output: str):
+  """The remat policy of a residual branch that sits in a conditional (skip="cond"), or
+  None; `conv_output` is the name its convolutions' outputs carry.
+
+  The backward pass of a `lax.cond` needs the residuals of the branch that ran, so the
+  forward cond outputs them from both branches: a closed one writes zeros of every
+  residual's shape (~10 ms of a closed ResNet-56 block's time on CPU). Saving only the
+  convolutions' outputs (BatchNorm and activations are recomputed in the backward pass)
+  leaves two residuals per basic block instead of several.
+    CPU  save only `conv_output`: ResNet-56, batch 128, SD p_L = 0.5 (cond), medians of 7
+         interleaved steps: 0.83 of the plain step against 0.91 without it (jax 0.12),
+         0.79 against 0.85 (jax 0.10.2); saving nothing (full remat of the branch) 0.86 /
+         0.98.
+    GPU, TPU  None (not measured).
+  """
+  if platform() != "cpu":
+    return None
+  return jax.checkpoint_policies.save_only_these_names(conv_output)
 
 
 def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:

@@ -28,6 +28,7 @@ import warnings
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,6 +47,14 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 torch_linear_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+# The name of a branch convolution's output, for remat policies (`backend.gated_branch_policy`).
+CONV_OUTPUT = "sdnet.branch_conv_output"
+
+
+def _named(y):
+  return checkpoint_name(y, CONV_OUTPUT)
+
+
 def _pad(kernel: int):
   return ((kernel // 2, kernel // 2),) * 2
 
@@ -58,11 +67,13 @@ class BasicBranch(nn.Module):
   norm: ModuleDef
   act: Callable
 
+  names_conv_outputs = True  # its convolutions' outputs carry CONV_OUTPUT
+
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(x)
+    y = _named(self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(x))
     y = self.act(self.norm()(y))
-    y = self.conv(self.features, (3, 3), padding=_pad(3))(y)
+    y = _named(self.conv(self.features, (3, 3), padding=_pad(3))(y))
     return self.norm()(y)
 
 
@@ -75,12 +86,14 @@ class BottleneckBranch(nn.Module):
   act: Callable
   expansion: int = 4
 
+  names_conv_outputs = True  # its convolutions' outputs carry CONV_OUTPUT
+
   @nn.compact
   def __call__(self, x):
-    y = self.act(self.norm()(self.conv(self.features, (1, 1))(x)))
-    y = self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(y)
+    y = self.act(self.norm()(_named(self.conv(self.features, (1, 1))(x))))
+    y = _named(self.conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3))(y))
     y = self.act(self.norm()(y))
-    y = self.conv(self.features * self.expansion, (1, 1))(y)
+    y = _named(self.conv(self.features * self.expansion, (1, 1))(y))
     return self.norm()(y)
 
 
@@ -123,11 +136,17 @@ class Block(nn.Module):
   skip: options.Skip
   scaling: options.Scaling
   mode: options.Mode
+  gated_branch_policy: Callable | None = None  # remat policy of a branch in a cond
 
   @nn.compact
   def __call__(self, x, xs):
-    branch = self.branch_cls(features=self.features, strides=self.strides,
-                             conv=self.conv, norm=self.norm, act=self.act, name="branch")
+    branch_cls = self.branch_cls
+    in_cond = (not isinstance(xs.get("gate", True), bool)
+               and residual_lib.resolve_skip(self.skip, self.mode) == "cond")
+    if in_cond and self.gated_branch_policy is not None:
+      branch_cls = nn.remat(branch_cls, policy=self.gated_branch_policy)
+    branch = branch_cls(features=self.features, strides=self.strides,
+                        conv=self.conv, norm=self.norm, act=self.act, name="branch")
     out_features = self.features * getattr(self.branch_cls, "expansion", 1)
     if self.projection:
       shortcut = ProjectionShortcut(out_features, self.strides, self.conv, self.norm,
@@ -264,7 +283,10 @@ class ResNet(nn.Module):
     # A block that compaction does not cover (a stage's first) skips with a cond.
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
                   skip="cond" if self.stage_skip() == "compact" else self.stage_skip(),
-                  scaling=self.scaling, mode=self.mode)
+                  scaling=self.scaling, mode=self.mode,
+                  gated_branch_policy=None if self.remat or not getattr(
+                      self.branch_cls, "names_conv_outputs", False)
+                  else backend.gated_branch_policy(CONV_OUTPUT))
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       strides = 1 if stage == 0 else 2
