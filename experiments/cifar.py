@@ -82,7 +82,7 @@ def main(argv):
     fault = errors.filesystem_error(e)
     if fault is not None:  # also when orbax or tensorstore report it in their own words
       print(f"error: {errors.filesystem_message(fault, FLAGS.workdir)}", file=sys.stderr)
-      exit_alone(errors.FILESYSTEM_EXIT_CODE)
+      exit_alone(errors.FILESYSTEM_EXIT_CODE, at_once=True)
     if not jax.distributed.is_initialized():
       raise  # one process: a bug keeps its traceback and exit status
     logging.exception("process %d failed", jax.process_index())
@@ -96,11 +96,14 @@ def main(argv):
     exit_alone(4 if shared else 1)
 
 
-def exit_alone(status: int) -> None:
+def exit_alone(status: int, at_once: bool = False) -> None:
   """Exits with `status`. With JAX's multi-process runtime up, at once: the normal exit
   waits in JAX's shutdown barrier for every other process (until the heartbeat timeout
-  ends them all), while an immediate exit breaks their collectives so they stop now."""
-  if not jax.distributed.is_initialized():
+  ends them all), while an immediate exit breaks their collectives so they stop now.
+  `at_once` also for one process: after a fault of the filesystem the run's own cleanup
+  is done, and the libraries' exit handlers (TensorBoard's event writer) would only fail
+  again on the same filesystem, each with a traceback."""
+  if not (at_once or jax.distributed.is_initialized()):
     sys.exit(status)
   logging.flush()
   sys.stdout.flush()
