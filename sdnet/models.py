@@ -280,13 +280,15 @@ class ResNet(nn.Module):
       x = act(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
 
+    # What a branch inside a cond keeps for the backward pass: only where the branch
+    # names its convolutions' outputs, and not under remat=True (which recomputes all).
+    branch_policy = None
+    if getattr(self.branch_cls, "names_conv_outputs", False) and not self.remat:
+      branch_policy = backend.gated_branch_policy(CONV_OUTPUT)
     # A block that compaction does not cover (a stage's first) skips with a cond.
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
                   skip="cond" if self.stage_skip() == "compact" else self.stage_skip(),
-                  scaling=self.scaling, mode=self.mode,
-                  gated_branch_policy=None if self.remat or not getattr(
-                      self.branch_cls, "names_conv_outputs", False)
-                  else backend.gated_branch_policy(CONV_OUTPUT))
+                  scaling=self.scaling, mode=self.mode, gated_branch_policy=branch_policy)
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       strides = 1 if stage == 0 else 2
