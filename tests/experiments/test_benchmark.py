@@ -103,3 +103,38 @@ def test_input_pipeline_rate_counts_every_image_it_moved():
   rate = timing.input_images_per_s(tiny_dataset().train, config, calls=3,
                                    clock=lambda: next(ticks))
   assert rate == 3 * 2 * 8 / 2.0
+
+
+def test_the_kernel_benchmark_lists_every_convolution_of_the_network():
+  import collections
+  import jax
+  from benchmarks import conv_kernels
+  from sdnet import models
+  for depth in (8, 20):
+    model = models.CifarResNet(depth)
+    params = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                   jax.numpy.zeros((1, 32, 32, 3))))["params"]
+    in_model = collections.Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      if path[-1].key == "kernel" and leaf.ndim >= 4:  # (blocks,)? 3, 3, in, out
+        in_model[leaf.shape[-2:]] += leaf.shape[0] if leaf.ndim == 5 else 1
+    listed = collections.Counter()
+    for conv in conv_kernels.inventory(depth):
+      listed[(conv.in_features, conv.out_features)] += conv.count
+      widens = conv.in_features != conv.out_features and conv.name != "stem"
+      assert conv.stride == (2 if widens else 1), conv  # a stage's first convolution
+    assert listed == in_model and sum(listed.values()) == depth - 1
+
+
+def test_the_kernel_benchmark_sums_each_convolution_count_times_over_a_step(monkeypatch):
+  from benchmarks import conv_kernels
+  seconds = {"forward": 0.001, "input gradient": 0.002, "kernel gradient": 0.004}
+  fake = lambda conv, batch, rng: {k: (lambda k=k: seconds[k], ()) for k in conv.kernels}
+  monkeypatch.setattr(conv_kernels, "jax_kernels", fake)
+  monkeypatch.setattr(conv_kernels, "_time", lambda fn, args, calls, block: fn())
+  rows = conv_kernels.measure(20, 8, with_torch=False, repeats=3, calls=1)
+  step = rows[-1]
+  assert step["convolution"] == "ResNet-20 step" and step["count"] == 19
+  # the stem has no input gradient: 19 forward, 18 input and 19 kernel gradients
+  assert abs(step["median_ms"] - (19 * 1 + 18 * 2 + 19 * 4)) < 1e-9
+  assert len(rows) == 1 + sum(len(c.kernels) for c in conv_kernels.inventory(20))
