@@ -9,8 +9,8 @@ gradient with respect to its input (not needed for the stem) and the gradient wi
 to its kernel, computed as the library's models compute them on this backend
 (`sdnet.backend.conv_general_dilated`, differentiated by `jax.vjp`; no bias, which is an
 addition). With --torch the same kernels of PyTorch eager (`torch.nn.functional.conv2d`,
-`aten.convolution_backward`, NCHW as in `benchmarks.torch_reference`) run in the same
-process, interleaved with the jax ones: every repetition runs every kernel of both in turn,
+`aten.convolution_backward`, NCHW as in `benchmarks.torch_reference`, on its GPU if it
+sees one) run in the same process, interleaved with the jax ones: every repetition runs every kernel of both in turn,
 so a machine whose speed drifts slows both alike. Reported: median ms per kernel, and
 "per step": the sum over the network's convolutions of count x (forward + input gradient +
 kernel gradient), which is what one training step spends in convolutions if each runs as
@@ -107,10 +107,10 @@ def torch_kernels(conv: Convolution, batch: int, rng) -> dict:
   """{kernel: (callable, args)} of PyTorch's convolution (NCHW, `torch_reference`'s)."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-  x, w, dy = _operands(conv, batch, rng)
-  x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  w = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
-  dy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  x, w, dy = (torch.from_numpy(np.ascontiguousarray(a.transpose(axes))).to(device)
+              for a, axes in zip(_operands(conv, batch, rng),
+                                 ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))))
   strides, padding = (conv.stride,) * 2, (1, 1)
 
   def backward(mask):
@@ -121,6 +121,14 @@ def torch_kernels(conv: Convolution, batch: int, rng) -> dict:
            KERNELS[1]: backward((True, False, False)),
            KERNELS[2]: backward((False, True, False))}
   return {k: (f, ()) for k, f in calls.items() if k in conv.kernels}
+
+
+def _torch_synchronize(out):
+  """Waits for PyTorch's kernels (on CPU they are done when they return)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+  return out
 
 
 def _time(fn, args, calls: int, block) -> float:
@@ -138,7 +146,7 @@ def measure(depth: int, batch: int, *, with_torch: bool, repeats: int, calls: in
   rng = np.random.default_rng(seed)
   frameworks = {"jax": (jax_kernels, jax.block_until_ready)}
   if with_torch:
-    frameworks["torch"] = (torch_kernels, lambda out: out)  # eager CPU: done on return
+    frameworks["torch"] = (torch_kernels, _torch_synchronize)
   timed = []  # (framework, conv, kernel, fn, args, block, times)
   for conv in inventory(depth):
     for name, (build, block) in frameworks.items():
