@@ -36,8 +36,13 @@ from sdnet import backend
 from sdnet import models
 
 FLAGS = flags.FLAGS
-common.define_flags()
-flags.DEFINE_bool("torch", False, "Also time PyTorch's kernels, in this process.")
+
+
+def define_flags():
+  """Its flags, defined when it runs as a program: importing it (the tests do) defines
+  none, so it imports beside other programs' flags."""
+  common.define_flags()
+  flags.DEFINE_bool("torch", False, "Also time PyTorch's kernels, in this process.")
 
 KERNELS = ("forward", "input gradient", "kernel gradient")
 
@@ -206,4 +211,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
