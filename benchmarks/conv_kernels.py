@@ -28,7 +28,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax import lax
 import numpy as np
 
 from benchmarks import common
@@ -43,6 +42,7 @@ def define_flags():
   none, so it imports beside other programs' flags."""
   common.define_flags()
   flags.DEFINE_bool("torch", False, "Also time PyTorch's kernels, in this process.")
+
 
 KERNELS = ("forward", "input gradient", "kernel gradient")
 
