@@ -7,8 +7,8 @@ Every distinct convolution of `sdnet.models.CifarResNet(depth)` (`inventory`) is
 the top level of a jitted program, as its three kernels: the forward convolution, the
 gradient with respect to its input (not needed for the stem) and the gradient with respect
 to its kernel, computed as the library's models compute them on this backend
-(`sdnet.backend.conv_general_dilated`, differentiated by `jax.vjp`; no bias, which is an
-addition). With --torch the same kernels of PyTorch eager (`torch.nn.functional.conv2d`,
+(`sdnet.backend.conv_general_dilated`, differentiated by `jax.vjp`, compiled with
+`sdnet.backend.compiler_options()`; no bias, which is an addition). With --torch the same kernels of PyTorch eager (`torch.nn.functional.conv2d`,
 `aten.convolution_backward`, NCHW as in `benchmarks.torch_reference`, on its GPU if it
 sees one) run in the same process, interleaved with the jax ones: every repetition runs every kernel of both in turn,
 so a machine whose speed drifts slows both alike. Reported: median ms per kernel, and
@@ -104,8 +104,9 @@ def jax_kernels(conv: Convolution, batch: int, rng) -> dict:
   x, w, dy = (jax.device_put(a) for a in _operands(conv, batch, rng))
   programs = {KERNELS[0]: (forward, (x, w)), KERNELS[1]: (input_gradient, (x, w, dy)),
               KERNELS[2]: (kernel_gradient, (x, w, dy))}
-  return {k: (jax.jit(f).lower(*args).compile(), args) for k, (f, args) in programs.items()
-          if k in conv.kernels}
+  options = backend.compiler_options()
+  return {k: (jax.jit(f).lower(*args).compile(compiler_options=options), args)
+          for k, (f, args) in programs.items() if k in conv.kernels}
 
 
 def torch_kernels(conv: Convolution, batch: int, rng) -> dict:

@@ -1,6 +1,7 @@
 """What sdnet does differently per JAX backend: every such choice, in one place.
 
 - `conv_general_dilated`: the convolution the models compute with.
+- `compiler_options`: the XLA options programs with those convolutions compile with.
 - `auto_skip`: how `skip="auto"` drops blocks.
 - `unroll_stages`: whether a stage's scan over its blocks is unrolled.
 - `gated_branch_policy`: what a branch inside a conditional keeps for its backward pass.
@@ -36,7 +37,10 @@ keeps its figures.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from sdnet import conv
 from sdnet import options
@@ -57,6 +61,56 @@ def conv_general_dilated():
   GPU, TPU  `lax.conv_general_dilated` (nothing measured says otherwise).
   """
   return conv.conv_general_dilated if platform() == "cpu" else jax.lax.conv_general_dilated
+
+
+# XLA:CPU's own libraries for convolutions, dots and reductions, the first two given to
+# YNNPACK (XLA's default list, jax 0.12) and convolutions to oneDNN instead.
+_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+_ONEDNN_CONVOLUTIONS = {"xla_cpu_experimental_onednn_custom_call": True,
+                        "xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+
+
+def compiler_options() -> dict:
+  """XLA compiler options for programs that compute with `conv_general_dilated()`: pass
+  them to `jax.jit(f, compiler_options=...)` or `.lower(...).compile(compiler_options=...)`
+  (the experiments' steps compile with them, `experiments.lib.steps.compile_ahead`).
+
+  CPU  convolutions in oneDNN (XLA:CPU's `__onednn$convolution` custom call), where this
+       jaxlib rewrites them (jax 0.12; jax 0.10.2 does not, and gets {}). By default
+       XLA:CPU gives convolutions with more than 16 channels to YNNPACK and the others to
+       Eigen, at 1.5-3x the time of PyTorch's oneDNN kernels (`benchmarks.conv_kernels`).
+       Plain ResNet-56 step, batch 128, one process, interleaved, medians of 7-9 (jax 0.12):
+       1641 -> 1385 ms (0.84; paired 0.89) and 1573 -> 1394 (0.89; paired 0.84); SD
+       p_L = 0.5 1217 -> 1093 (its ratio to the plain step 0.77 -> 0.78). Per kernel
+       (NHWC batch 128, 3x3): forward 9.8 -> 5.3 ms (32x32x16), 7.6 -> 4.4 (16x16x32),
+       5.8 -> 4.6 (8x8x64); input gradient 8.3 -> 4.7, 7.4 -> 4.5, 4.9 -> 4.6; the
+       kernel gradient as `sdnet.conv` computes it 13.9 -> 18.0 (a forward convolution
+       with a 32x32 kernel, oneDNN's weak case), 9.6 -> 12.1, 8.5 -> 7.0 ms, yet the
+       whole step with it in oneDNN measured as fast as with it kept in Eigen.
+       Values differ from the default kernels' by float rounding (relative 1e-6). jax 0.12
+       cannot write such a program to JAX's persistent compilation cache (XLA's
+       serialisation fails with std::bad_alloc; jax warns and compiles it again next time).
+  GPU, TPU  {} (nothing to choose).
+  """
+  if platform() != "cpu" or not _rewrites_convolutions_to_onednn():
+    return {}
+  return dict(_ONEDNN_CONVOLUTIONS)
+
+
+@functools.cache
+def _rewrites_convolutions_to_onednn() -> bool:
+  """Whether this jaxlib's XLA:CPU turns a convolution into a oneDNN call under
+  `_ONEDNN_CONVOLUTIONS` (it accepts the options without doing so on jax 0.10.2)."""
+  image = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+  convolve = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                               padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  try:
+    compiled = jax.jit(convolve).lower(image, kernel).compile(
+        compiler_options=_ONEDNN_CONVOLUTIONS)
+  except jax.errors.JaxRuntimeError:  # an XLA without these options
+    return False
+  return "__onednn$convolution" in compiled.as_text()
 
 
 def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from experiments.lib import data as data_lib
+from sdnet import backend
 from sdnet import models
 
 AXIS = "batch"
@@ -235,7 +236,8 @@ def make_eval_step(model, *, mean_image, std: float):
 
 def compile_ahead(pmapped, *args) -> tuple[Any, float]:
   """(compiled, seconds): `pmapped` compiled for the shapes of `args` (arrays or
-  `jax.ShapeDtypeStruct`s), so compile time is measured apart from run time."""
+  `jax.ShapeDtypeStruct`s), so compile time is measured apart from run time; with the
+  backend's compiler options (`sdnet.backend.compiler_options`)."""
   start = time.perf_counter()
-  compiled = pmapped.lower(*args).compile()
+  compiled = pmapped.lower(*args).compile(compiler_options=backend.compiler_options())
   return compiled, time.perf_counter() - start

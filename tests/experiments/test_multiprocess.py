@@ -227,10 +227,11 @@ def test_two_processes_train_what_one_process_of_four_devices_trains(two_process
   assert len(model) > 20
   for name in model:
     # The same sums in another order (gloo's ring vs in-process): rounding only, which 30
-    # SGD steps grow to ~1e-4 of an array's scale (a wrong slice or mask would be ~1).
+    # SGD steps grow to ~1e-4 of an array's scale, up to 1.3e-3 seen with oneDNN's
+    # convolutions (jax 0.12); a wrong slice or mask would be ~1.
     expected = one_state[name]
     np.testing.assert_allclose(two_state[name], expected, rtol=0, err_msg=name,
-                               atol=1e-3 * np.abs(expected).max() + 1e-6)
+                               atol=2e-3 * np.abs(expected).max() + 1e-6)
 
 
 def flat(state: dict) -> dict[str, np.ndarray]:

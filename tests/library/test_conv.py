@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sdnet import backend
 from sdnet import conv
 from sdnet import models
 from tests import helpers
@@ -140,10 +141,18 @@ def test_conv_module_has_the_parameters_of_flax_conv():
                              nn.Conv(8, (3, 3), strides=2).apply(ours, x), rtol=1e-6)
 
 
-def convolutions_in_compiled_step(model):
+def convolutions_in_compiled_step(model, compiler_options=None):
   """The dimension labels of every convolution XLA compiles for a train step's gradient."""
+  return _convolutions(_compiled_gradient(model, compiler_options))
+
+
+def _compiled_gradient(model, compiler_options=None) -> str:
   loss, args = helpers.abstract_train_loss(model)
-  text = jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
+  return jax.jit(jax.grad(loss)).lower(*args).compile(
+      compiler_options=compiler_options).as_text()
+
+
+def _convolutions(text: str) -> list:
   return re.findall(r"convolution\(.*dim_labels=([\w>-]+)", text)
 
 
@@ -158,3 +167,38 @@ def test_cpu_train_step_holds_canonical_convolutions_only(skip):
   lax_labels = convolutions_in_compiled_step(
       models.CifarResNet8(skip=skip, scan_unroll=1, conv=lax_conv))
   assert set(lax_labels) != {"b01f_01io->b01f"}  # what the test guards against
+
+
+onednn = pytest.mark.skipif(not backend._rewrites_convolutions_to_onednn(),
+                            reason="this jaxlib's XLA:CPU has no oneDNN convolutions")
+
+
+def test_compiler_options_ask_for_onednn_only_on_a_cpu_that_has_it(monkeypatch):
+  options = backend.compiler_options()
+  assert bool(options) == backend._rewrites_convolutions_to_onednn()
+  monkeypatch.setattr(backend, "platform", lambda: "gpu")
+  assert backend.compiler_options() == {}
+
+
+@onednn
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES[:3])
+def test_values_and_gradients_in_onednn_equal_lax(x_shape, w_shape, strides, padding):
+  x, w, dy = random_case(x_shape, w_shape, strides, padding)
+  expected = value_and_grads(lax.conv_general_dilated, x, w, strides, padding, dy)
+  compute = jax.jit(functools.partial(value_and_grads, conv.conv_general_dilated,
+                                      strides=strides, padding=padding),
+                    compiler_options=backend.compiler_options())
+  helpers.assert_trees_close(compute(x=x, w=w, dy=dy), expected, rtol=1e-5, atol=1e-3)
+
+
+@onednn
+def test_with_the_compiler_options_every_convolution_but_dilated_ones_is_onednn():
+  """Also inside conditionals and rolled loops; oneDNN's rewrite leaves the input
+  gradients of strided convolutions (input-dilated) to XLA's own kernels."""
+  text = _compiled_gradient(models.CifarResNet8(skip="cond", scan_unroll=1),
+                            backend.compiler_options())
+  left = re.findall(r"convolution\(.*window=\{([^}]*)\}", text)
+  assert len(left) == 2 and all("lhs_dilate=2x2" in window for window in left), left
+  # The stem and 6 branch convolutions: 7 forward, 7 kernel gradients, 6 input gradients
+  # (none for the stem), of which the 2 strided ones are left.
+  assert text.count("__onednn$convolution") == 7 + 7 + 6 - 2
