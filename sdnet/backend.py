@@ -63,11 +63,11 @@ def conv_general_dilated():
   return conv.conv_general_dilated if platform() == "cpu" else jax.lax.conv_general_dilated
 
 
-# XLA:CPU's own libraries for convolutions, dots and reductions, the first two given to
-# YNNPACK (XLA's default list, jax 0.12) and convolutions to oneDNN instead.
+# XLA:CPU's libraries: dots and reductions stay YNNPACK's (XLA's default list, jax 0.10.2
+# and 0.12), convolutions go to oneDNN where XLA can call it, else to Eigen.
 _YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-_ONEDNN_CONVOLUTIONS = {"xla_cpu_experimental_onednn_custom_call": True,
-                        "xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+_CPU_CONVOLUTIONS = {"xla_cpu_experimental_onednn_custom_call": True,
+                     "xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
 
 
 def compiler_options() -> dict:
@@ -75,42 +75,53 @@ def compiler_options() -> dict:
   them to `jax.jit(f, compiler_options=...)` or `.lower(...).compile(compiler_options=...)`
   (the experiments' steps compile with them, `experiments.lib.steps.compile_ahead`).
 
-  CPU  convolutions in oneDNN (XLA:CPU's `__onednn$convolution` custom call), where this
-       jaxlib rewrites them (jax 0.12; jax 0.10.2 does not, and gets {}). By default
-       XLA:CPU gives convolutions with more than 16 channels to YNNPACK and the others to
-       Eigen, at 1.5-3x the time of PyTorch's oneDNN kernels (`benchmarks.conv_kernels`).
-       Plain ResNet-56 step, batch 128, one process, interleaved, medians of 7-9 (jax 0.12):
-       1641 -> 1385 ms (0.84; paired 0.89) and 1573 -> 1394 (0.89; paired 0.84); SD
-       p_L = 0.5 1217 -> 1093 (its ratio to the plain step 0.77 -> 0.78). Per kernel
-       (NHWC batch 128, 3x3): forward 9.8 -> 5.3 ms (32x32x16), 7.6 -> 4.4 (16x16x32),
-       5.8 -> 4.6 (8x8x64); input gradient 8.3 -> 4.7, 7.4 -> 4.5, 4.9 -> 4.6; the
-       kernel gradient as `sdnet.conv` computes it 13.9 -> 18.0 (a forward convolution
-       with a 32x32 kernel, oneDNN's weak case), 9.6 -> 12.1, 8.5 -> 7.0 ms, yet the
-       whole step with it in oneDNN measured as fast as with it kept in Eigen.
+  CPU  convolutions not in YNNPACK, to which XLA:CPU gives those of more than 16 channels
+       by default (the others go to Eigen) at 1.5-3x the time of PyTorch's oneDNN kernels
+       (`benchmarks.conv_kernels`), but in oneDNN (XLA:CPU's `__onednn$convolution` custom
+       call) where this jaxlib has it (jax 0.12), else in Eigen (jax 0.10.2 accepts the
+       oneDNN option and rewrites nothing). Plain ResNet-56 step, batch 128, one process,
+       interleaved, medians of 7-9:
+         jax 0.12, oneDNN: 1641 -> 1385 ms (0.84; paired 0.89), 1573 -> 1394 (0.89;
+           paired 0.84); SD p_L = 0.5: 1217 -> 1093, still 0.78 of the plain step. Per
+           kernel (NHWC batch 128, 3x3): forward 9.8 -> 5.3 ms (32x32x16), 7.6 -> 4.4
+           (16x16x32), 5.8 -> 4.6 (8x8x64); input gradient 8.3 -> 4.7, 7.4 -> 4.5,
+           4.9 -> 4.6; the kernel gradient as `sdnet.conv` computes it 13.9 -> 18.0 (a
+           forward convolution with a 32x32 kernel, oneDNN's weak case), 9.6 -> 12.1,
+           8.5 -> 7.0, yet the whole step measured as fast as with only it in Eigen.
+           Also tried, slower: YNNPACK's elementwise fusions (1.16), XLA's own
+           reductions (1.13), kernel-gradient chunks of 8 or 32 (1.04, 1.09).
+         jax 0.10.2, Eigen: 1880 -> 1728 ms (0.92; paired 0.93); SD 1310 -> 1266, 0.73 of
+           the plain step.
        Values differ from the default kernels' by float rounding (relative 1e-6). jax 0.12
-       cannot write such a program to JAX's persistent compilation cache (XLA's
-       serialisation fails with std::bad_alloc; jax warns and compiles it again next time).
+       cannot write a program with oneDNN calls to JAX's persistent compilation cache
+       (XLA's serialisation fails with std::bad_alloc; jax warns, compiles it again next
+       time).
   GPU, TPU  {} (nothing to choose).
   """
-  if platform() != "cpu" or not _rewrites_convolutions_to_onednn():
+  if platform() != "cpu" or _compiled_probe() is None:
     return {}
-  return dict(_ONEDNN_CONVOLUTIONS)
+  return dict(_CPU_CONVOLUTIONS)
+
+
+def _rewrites_convolutions_to_onednn() -> bool:
+  """Whether `compiler_options()` puts this jaxlib's CPU convolutions in oneDNN."""
+  text = _compiled_probe()
+  return text is not None and "__onednn$convolution" in text
 
 
 @functools.cache
-def _rewrites_convolutions_to_onednn() -> bool:
-  """Whether this jaxlib's XLA:CPU turns a convolution into a oneDNN call under
-  `_ONEDNN_CONVOLUTIONS` (it accepts the options without doing so on jax 0.10.2)."""
+def _compiled_probe() -> str | None:
+  """The compiled text of a convolution under `_CPU_CONVOLUTIONS`, or None if this XLA
+  rejects those options."""
   image = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
   kernel = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
   convolve = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
                                padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   try:
-    compiled = jax.jit(convolve).lower(image, kernel).compile(
-        compiler_options=_ONEDNN_CONVOLUTIONS)
-  except jax.errors.JaxRuntimeError:  # an XLA without these options
-    return False
-  return "__onednn$convolution" in compiled.as_text()
+    return jax.jit(convolve).lower(image, kernel).compile(
+        compiler_options=_CPU_CONVOLUTIONS).as_text()
+  except jax.errors.JaxRuntimeError:
+    return None
 
 
 def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:

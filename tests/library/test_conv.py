@@ -173,11 +173,25 @@ onednn = pytest.mark.skipif(not backend._rewrites_convolutions_to_onednn(),
                             reason="this jaxlib's XLA:CPU has no oneDNN convolutions")
 
 
-def test_compiler_options_ask_for_onednn_only_on_a_cpu_that_has_it(monkeypatch):
-  options = backend.compiler_options()
-  assert bool(options) == backend._rewrites_convolutions_to_onednn()
+def test_compiler_options_are_for_the_cpu_only(monkeypatch):
+  assert backend.compiler_options()  # these tests run on CPU, with jax 0.10.2 or newer
   monkeypatch.setattr(backend, "platform", lambda: "gpu")
   assert backend.compiler_options() == {}
+
+
+def test_with_the_compiler_options_no_convolution_is_ynnpack_s():
+  """XLA:CPU's default gives convolutions of more than 16 channels to YNNPACK (slower
+  than Eigen, and than oneDNN where the options can reach it: `sdnet.backend`)."""
+  model = models.CifarResNet8(skip="cond", scan_unroll=1)
+  assert _ynn_fused_convolutions(_compiled_gradient(model))  # what the test guards against
+  assert not _ynn_fused_convolutions(_compiled_gradient(model, backend.compiler_options()))
+
+
+def _ynn_fused_convolutions(text: str) -> list:
+  """The names of the computations that YNNPACK fusions call and hold a convolution."""
+  called = set(re.findall(r"calls=%([\w.\-]+), [^\n]*__ynn_fusion", text))
+  bodies = re.findall(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.M | re.S)
+  return [name for name, body in bodies if name in called and "convolution(" in body]
 
 
 @onednn
