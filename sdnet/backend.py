@@ -16,8 +16,10 @@ The CPU choices are measured on 2 cores (Xeon, AVX-512), float32, batch 128, one
 train step (forward, backward, Nesterov SGD), variants interleaved in one process, medians
 of 5-7 repetitions, jax 0.12.0.1 (Python 3.12) / jax 0.10.2 (Python 3.11); "rolled" is a
 `lax.scan` over a stage's blocks, "unrolled" the same scan fully unrolled; SD is linear
-decay to p_L = 0.5; all with `sdnet.conv`'s convolutions (`python -m benchmarks.train_step`
-measures the defaults):
+decay to p_L = 0.5; all with `sdnet.conv`'s convolutions in XLA:CPU's default kernels,
+before `compiler_options` (`python -m benchmarks.train_step` measures the defaults; with
+the options, README 2026-12-02, the same choices give SD 0.81 / 0.72 of the plain step
+at ResNet-56 / 110 on jax 0.12 and 0.73 / 0.72 on jax 0.10.2):
 
   ms per step                      ResNet-56 (0.12 / 0.10)    ResNet-110 (0.12)
   plain, rolled                     1519 / 1495                2871  (compile  6 s)
