@@ -8,10 +8,11 @@ the top level of a jitted program, as its three kernels: the forward convolution
 gradient with respect to its input (not needed for the stem) and the gradient with respect
 to its kernel, computed as the library's models compute them on this backend
 (`sdnet.backend.conv_general_dilated`, differentiated by `jax.vjp`, compiled with
-`sdnet.backend.compiler_options()`; no bias, which is an addition). With --torch the same kernels of PyTorch eager (`torch.nn.functional.conv2d`,
-`aten.convolution_backward`, NCHW as in `benchmarks.torch_reference`, on its GPU if it
-sees one) run in the same process, interleaved with the jax ones: every repetition runs every kernel of both in turn,
-so a machine whose speed drifts slows both alike. Reported: median ms per kernel, and
+`sdnet.backend.compiler_options()`; no bias, which is an addition). With --torch the same
+kernels of PyTorch eager (`torch.nn.functional.conv2d`, `aten.convolution_backward`, NCHW
+as in `benchmarks.torch_reference`, on its GPU if it sees one) run in the same process,
+interleaved with the jax ones: every repetition runs every kernel of both in turn, so a
+machine whose speed drifts slows both alike. Reported: median ms per kernel, and
 "per step": the sum over the network's convolutions of count x (forward + input gradient +
 kernel gradient), which is what one training step spends in convolutions if each runs as
 fast as alone. A whole step (`benchmarks.train_step`, `benchmarks.torch_reference`) cannot
