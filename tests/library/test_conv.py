@@ -141,15 +141,23 @@ def test_conv_module_has_the_parameters_of_flax_conv():
                              nn.Conv(8, (3, 3), strides=2).apply(ours, x), rtol=1e-6)
 
 
-def convolutions_in_compiled_step(model, compiler_options=None):
+def convolutions_in_compiled_step(model):
   """The dimension labels of every convolution XLA compiles for a train step's gradient."""
-  return _convolutions(_compiled_gradient(model, compiler_options))
+  return _convolutions(_compiled_gradient(model))
 
 
 def _compiled_gradient(model, compiler_options=None) -> str:
   loss, args = helpers.abstract_train_loss(model)
   return jax.jit(jax.grad(loss)).lower(*args).compile(
       compiler_options=compiler_options).as_text()
+
+
+@functools.cache
+def compiled_resnet8_gradient(skip: str, with_compiler_options: bool = False) -> str:
+  """The compiled train-step gradient of a ResNet-8 with rolled stages (several tests
+  read the same programs: compiled once per process)."""
+  return _compiled_gradient(models.CifarResNet8(skip=skip, scan_unroll=1),
+                            backend.compiler_options() if with_compiler_options else None)
 
 
 def _convolutions(text: str) -> list:
@@ -161,7 +169,7 @@ def test_cpu_train_step_holds_canonical_convolutions_only(skip):
   """The guard for jax #12868: XLA:CPU's fast path takes canonical convolutions only
   (input b01f, kernel 01io, output b01f); the library's models on CPU compute every
   gradient, also inside conditionals and loops, with such convolutions."""
-  labels = convolutions_in_compiled_step(models.CifarResNet8(skip=skip, scan_unroll=1))
+  labels = _convolutions(compiled_resnet8_gradient(skip))
   assert labels and set(labels) == {"b01f_01io->b01f"}, labels
   lax_conv = functools.partial(nn.Conv, conv_general_dilated=lax.conv_general_dilated)
   lax_labels = convolutions_in_compiled_step(
@@ -182,9 +190,8 @@ def test_compiler_options_are_for_the_cpu_only(monkeypatch):
 def test_with_the_compiler_options_no_convolution_is_ynnpack_s():
   """XLA:CPU's default gives convolutions of more than 16 channels to YNNPACK (slower
   than Eigen, and than oneDNN where the options can reach it: `sdnet.backend`)."""
-  model = models.CifarResNet8(skip="cond", scan_unroll=1)
-  assert _ynn_fused_convolutions(_compiled_gradient(model))  # what the test guards against
-  assert not _ynn_fused_convolutions(_compiled_gradient(model, backend.compiler_options()))
+  assert _ynn_fused_convolutions(compiled_resnet8_gradient("cond"))  # what it guards against
+  assert not _ynn_fused_convolutions(compiled_resnet8_gradient("cond", True))
 
 
 def _ynn_fused_convolutions(text: str) -> list:
@@ -209,8 +216,7 @@ def test_values_and_gradients_in_onednn_equal_lax(x_shape, w_shape, strides, pad
 def test_with_the_compiler_options_every_convolution_but_dilated_ones_is_onednn():
   """Also inside conditionals and rolled loops; oneDNN's rewrite leaves the input
   gradients of strided convolutions (input-dilated) to XLA's own kernels."""
-  text = _compiled_gradient(models.CifarResNet8(skip="cond", scan_unroll=1),
-                            backend.compiler_options())
+  text = compiled_resnet8_gradient("cond", True)
   left = re.findall(r"convolution\(.*window=\{([^}]*)\}", text)
   assert len(left) == 2 and all("lhs_dilate=2x2" in window for window in left), left
   # The stem and 6 branch convolutions: 7 forward, 7 kernel gradients, 6 input gradients
