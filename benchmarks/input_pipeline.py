@@ -4,7 +4,7 @@ r"""Throughput of the training input pipeline alone: host gather, then transfer 
   python -m benchmarks.input_pipeline --config=experiments/configs/quick.py --calls=50
 
 Loads the config's dataset as a run does and times `--calls` calls' worth of batches
-(`config.steps_per_call` steps each) of `experiments.lib.data.train_batches` through
+(`config.steps_per_call` steps each) of the source's `train_batches` through
 `flax.jax_utils.prefetch_to_device` (`benchmarks.timing.input_images_per_s`), nothing computed on them: if this is not well above
 a run's train images/s, the input pipeline, not the step, limits training.
 """
@@ -15,7 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from benchmarks import timing
-from experiments.lib import loop
+from experiments import data
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A training config file.", lock_config=True)
@@ -25,9 +25,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  dataset = loop.load_dataset(FLAGS.config)
-  rate = timing.input_images_per_s(dataset.train, FLAGS.config, FLAGS.calls)
-  print(f"{dataset.describe()}\ninput pipeline alone: {rate:.0f} images/s "
+  source = data.build(FLAGS.config)
+  rate = timing.input_images_per_s(source, FLAGS.config, FLAGS.calls)
+  print(f"{source.describe()}\ninput pipeline alone: {rate:.0f} images/s "
         f"(batch {FLAGS.config.batch_size}, {jax.local_device_count()} devices)")
 
 

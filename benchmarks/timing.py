@@ -1,7 +1,7 @@
 """The experiments' compiled train step as the benchmarks time it (`benchmarks.train_step`).
 
 `measure` builds, for each (depth, batch), constant depth and stochastic depth per skip
-method with the one builder the training loop uses (`experiments.lib.steps`), compiles
+method with the one builder the training loop uses (`experiments.training.steps`), compiles
 them ahead of time, times them interleaved (every repetition runs each variant once in
 turn, so drifting clocks hit all of them alike) and returns one `common.row` per variant.
 `input_images_per_s` times the input pipeline alone (`benchmarks.input_pipeline`).
@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from experiments import data
 from experiments.configs import default
-from experiments.lib import data as data_lib
-from experiments.lib import steps
+from experiments.data import on_device
+from experiments.training import recipe
+from experiments.training import steps
 
 
 class ForcedGates:
@@ -47,28 +49,29 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
   config.survival.p_last, config.skip = p_last, skip
   config.dtype, config.remat = dtype, remat
   devices = jax.local_device_count()
-  model = steps.build_model(config, 10)
+  model = recipe.build_model(config, 10)
   if forced_gates is not None:
     model = ForcedGates(model, forced_gates)
-  tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, 390))
+  tx = recipe.make_optimizer(config, recipe.learning_rate_schedule(config, 390))
   make_state = lambda: jax_utils.replicate(jax.device_get(
       steps.create_train_state(model, tx, (32, 32, 3), 0)))
-  pmapped = steps.make_train_step(model, tx, seed=0, mean_image=jnp.full((32, 32, 3), 120.0),
-                                  std=64.0, augment=True)
+  preprocess = on_device.NormaliseAndShift(np.full((32, 32, 3), 120.0, np.float32), 64.0,
+                                           augment=True)
+  pmapped = steps.make_train_step(model, tx, seed=0, preprocess=preprocess)
   shape = (devices, steps_per_call, batch // devices)
-  data = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
+  spec = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
           "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
   metrics = jax.eval_shape(lambda: jax_utils.replicate(steps.empty_metrics()))
   state = jax.eval_shape(make_state)
-  step, compile_s = steps.compile_ahead(pmapped, state, data, metrics)
+  step, compile_s = steps.compile_ahead(pmapped, state, spec, metrics)
   variant = {"fn": step, "times": [], "compile_s": compile_s,
              "memory_gib": program_memory_gib(step)}
   if compile_only:
     return variant
   rng = np.random.default_rng(0)
   variant["data"] = jax.tree.map(jax.device_put, {
-      "images": rng.integers(0, 256, data["images"].shape, dtype=np.uint8),
-      "labels": rng.integers(0, 10, data["labels"].shape, dtype=np.int32)})
+      "images": rng.integers(0, 256, spec["images"].shape, dtype=np.uint8),
+      "labels": rng.integers(0, 10, spec["labels"].shape, dtype=np.int32)})
   variant["state"] = make_state()
   variant["metrics"] = jax_utils.replicate(steps.empty_metrics())
   run_variant(variant, 1, 1)  # warm-up
@@ -126,12 +129,11 @@ def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
   return rows
 
 
-def input_images_per_s(split: data_lib.Split, config, calls: int, clock=time.perf_counter):
-  """Images per second of `calls` calls' batches of `split`, gathered and on the devices."""
+def input_images_per_s(source: data.Source, config, calls: int, clock=time.perf_counter):
+  """Images per second of `calls` calls' batches of `source`, made and on the devices."""
   chunks = [max(1, config.steps_per_call)] * calls
-  batches = data_lib.train_batches(split, config.seed, config.batch_size, 0, chunks,
-                                   jax.local_device_count(), jax.process_index(),
-                                   jax.process_count())
+  batches = source.train_batches(config.seed, config.batch_size, 0, chunks,
+                                 data.Shard.of_this_process())
   images, start = 0, clock()
   for batch in jax_utils.prefetch_to_device(batches, 2):
     jax.block_until_ready(batch)

@@ -6,7 +6,7 @@ r"""Times the real training step: constant depth vs stochastic depth, per skip m
   python -m benchmarks.suite --out_dir=bench                    # every setting (GPU)
 
 Each row is the experiments' own compiled step, built by the one builder the training
-loop uses (`experiments.lib.steps.make_train_step`: augmentation, forward, backward,
+loop uses (`experiments.training.steps.make_train_step`: augmentation, forward, backward,
 Nesterov update) with `--steps_per_call` steps per call, on random uint8 images
 (`benchmarks.timing`). Variants are compiled ahead of time, then timed interleaved: every
 repetition runs each variant once in turn, so drifting clocks hit all of them alike.

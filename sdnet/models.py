@@ -197,7 +197,7 @@ class ResNet(nn.Module):
   stem: Literal["cifar", "imagenet"] = "cifar"
   projection: bool = False
   p_last: float = 0.5
-  survival_rule: options.SurvivalRule = "linear_decay"
+  survival_rule: options.SurvivalRule = options.PAPER_SURVIVAL_RULE
   survival: tuple[float, ...] | None = None
   skip: options.StageSkip = "auto"
   scaling: options.Scaling = "paper"

@@ -19,6 +19,9 @@ Scaling = Literal["paper", "inverted", "none"]
 SurvivalRule = Literal["linear_decay", "uniform"]
 """How p_l falls with depth: linearly to p_L (the paper's default), or p_l = p_L."""
 
+PAPER_SURVIVAL_RULE: SurvivalRule = "linear_decay"
+"""The paper's rule (Huang et al., 2016, Eq. 4): every default of the library."""
+
 Skip = Literal["auto", "cond", "mask"]
 """How `StochasticResidual` drops one block: `lax.cond`, or a gate multiply."""
 

@@ -67,7 +67,7 @@ def validate(probs: SurvivalSpec, num_blocks: int | None = None) -> np.ndarray:
 
 
 def schedule(num_blocks: int, p_last: float = 0.5,
-             rule: options.SurvivalRule = "linear_decay",
+             rule: options.SurvivalRule = options.PAPER_SURVIVAL_RULE,
              probs: SurvivalSpec | None = None) -> np.ndarray:
   """The survival probabilities of a network: explicit `probs`, or `rule` at `p_last`.
 

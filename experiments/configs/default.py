@@ -8,6 +8,14 @@ Every other config imports this one and overrides it.
 
 import ml_collections
 
+# Fields that do not change the trained model or its reported numbers: a restart may
+# change them freely (where the data lives, how often to log or checkpoint, how steps are
+# grouped into calls, how dropped blocks are skipped: the same math).
+RESTART_MAY_CHANGE = frozenset({
+    "data_dir", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+    "steps_per_call", "halt_after_steps", "skip", "remat",
+})
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -58,4 +66,20 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
     for parent in parents:
       node = node[parent]
     node[leaf] = value
+  return config
+
+
+def with_values(values: dict) -> ml_collections.ConfigDict:
+  """The default config with the fields of a recorded config (a nested dict, e.g. a
+  run's config.json) set; fields the defaults lack are left out."""
+  config = get_config()
+  def merge(node: ml_collections.ConfigDict, recorded: dict) -> None:
+    for key, value in recorded.items():
+      if key not in node:
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+  merge(config, values)
   return config

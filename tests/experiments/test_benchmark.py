@@ -10,7 +10,7 @@ import pytest
 from benchmarks import common
 from benchmarks import settings
 from benchmarks import timing
-from experiments.lib import steps
+from experiments.training import steps
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -78,13 +78,13 @@ def test_suite_rejects_an_unknown_setting_before_running_anything(tmp_path, monk
 
 def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_path,
                                                                             monkeypatch):
-  from experiments.lib import loop
+  from experiments.training import loop
   from tests.experiments.test_training import tiny_config, tiny_dataset
   built = []
   original = steps.make_train_step
 
   def recording_builder(*args, **kwargs):
-    built.append(kwargs["augment"])
+    built.append(kwargs["preprocess"])
     return original(*args, **kwargs)
 
   monkeypatch.setattr(steps, "make_train_step", recording_builder)
@@ -92,7 +92,7 @@ def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_
                  compile_only=True)
   assert len(built) == 2  # constant depth and SD mask
   loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
-                          dataset=tiny_dataset())
+                          source=tiny_dataset())
   assert len(built) == 3
 
 
@@ -100,7 +100,7 @@ def test_input_pipeline_rate_counts_every_image_it_moved():
   from tests.experiments.test_training import tiny_config, tiny_dataset
   config = tiny_config(steps_per_call=2)  # batch 8 over the 4 test devices, 2 steps/call
   ticks = iter([0.0, 2.0])
-  rate = timing.input_images_per_s(tiny_dataset().train, config, calls=3,
+  rate = timing.input_images_per_s(tiny_dataset(), config, calls=3,
                                    clock=lambda: next(ticks))
   assert rate == 3 * 2 * 8 / 2.0
 

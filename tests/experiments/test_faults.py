@@ -13,12 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.lib import checkpoint as checkpoint_lib
-from experiments.lib import data as data_lib
-from experiments.lib import errors
-from experiments.lib import loop
-from experiments.lib import workdir as workdir_lib
-from tests.experiments.test_training import tiny_config, tiny_dataset, write_image_folder
+from experiments.data import in_memory
+from experiments.runtime import errors
+from experiments.runtime import session
+from experiments.runtime import workdir as workdir_lib
+from experiments.training import checkpoints as checkpoint_lib
+from experiments.training import loop
+from tests.experiments.test_training import folder_source
+from tests.experiments.test_training import tiny_config
+from tests.experiments.test_training import tiny_dataset
+from tests.experiments.test_training import write_image_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # 40 train examples at batch 8 = 5 steps/epoch.
@@ -52,9 +56,9 @@ def all_finite(workdir, name):
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
   config = tiny_config(epochs=4, learning_rate=1e6, checkpoint_every_steps=1)
   with pytest.raises(errors.Diverged, match="not finite at step") as raised:
-    loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+    loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
   results = json.loads((tmp_path / "results.json").read_text())
-  assert results["diverged"] and not results["finished"]
+  assert results["diverged"] and not results["finished"] and results["version"] == 2
   assert results["diverged_at_step"] == raised.value.step >= 1
   # Every checkpoint and best/ holds a finite state from before the bad step.
   assert all_finite(tmp_path, "latest")[-1] < raised.value.step
@@ -66,38 +70,38 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
 
 def test_a_restart_with_other_training_settings_is_refused_naming_the_fields(tmp_path):
   config = tiny_config(epochs=2, halt_after_steps=3)
-  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
   changed = tiny_config(epochs=2, learning_rate=0.05, **{"survival.p_last": 1.0})
   with pytest.raises(errors.UserError,
                      match=r"learning_rate: 0.1 -> 0.05; survival.p_last: 0.5 -> 1.0.*"
                            r"--allow_config_change"):
-    loop.train_and_evaluate(changed, str(tmp_path), dataset=DATASET)
+    loop.train_and_evaluate(changed, str(tmp_path), source=DATASET)
   # Settings that do not change the model may differ; an explicit flag allows the rest.
   loop.train_and_evaluate(tiny_config(epochs=2, halt_after_steps=4, log_every_steps=1,
-                                      eval_batch_size=8), str(tmp_path), dataset=DATASET)
-  run = loop.train_and_evaluate(changed, str(tmp_path), dataset=DATASET,
+                                      eval_batch_size=8), str(tmp_path), source=DATASET)
+  run = loop.train_and_evaluate(changed, str(tmp_path), source=DATASET,
                                 allow_config_change=True)
-  assert run.results["finished"]
-  assert run.results["config_changes"] == [
+  assert run.results.finished
+  assert run.results.config_changes == [
       {"step": 4, "field": "learning_rate", "from": 0.1, "to": 0.05},
       {"step": 4, "field": "survival.p_last", "from": 0.5, "to": 1.0}]
-  assert run.results["config"]["learning_rate"] == 0.05
+  assert run.results.config["learning_rate"] == 0.05
 
 
 def test_a_restart_on_other_data_is_refused_naming_what_differs(tmp_path):
   config = tiny_config(epochs=2, halt_after_steps=3)
-  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
-  permuted = data_lib.Split(DATASET.train.images, (DATASET.train.labels + 1) % 10)
+  loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
+  permuted = in_memory.Split(DATASET.train.images, (DATASET.train.labels + 1) % 10)
   relabelled = dataclasses.replace(DATASET, train=permuted)  # same files, other labels
   with pytest.raises(errors.UserError, match=r"data.fingerprint: '[0-9a-f]+' -> '[0-9a-f]+'"):
-    loop.train_and_evaluate(config, str(tmp_path), dataset=relabelled)
+    loop.train_and_evaluate(config, str(tmp_path), source=relabelled)
   n = len(DATASET.train)
-  fewer = dataclasses.replace(DATASET, train=data_lib.take(DATASET.train, np.arange(n - 8)))
+  fewer = dataclasses.replace(DATASET, train=in_memory.take(DATASET.train, np.arange(n - 8)))
   with pytest.raises(errors.UserError,
                      match=rf"data.examples: .*'train': {n}.* -> .*'train': {n - 8}"):
-    loop.train_and_evaluate(config, str(tmp_path), dataset=fewer)
+    loop.train_and_evaluate(config, str(tmp_path), source=fewer)
   config.halt_after_steps = 0  # the same data resumes
-  assert loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results["finished"]
+  assert loop.train_and_evaluate(config, str(tmp_path), source=DATASET).results.finished
 
 
 # ------------------------------------------------------------------- one run per dir
@@ -106,21 +110,25 @@ def test_a_restart_on_other_data_is_refused_naming_what_differs(tmp_path):
 @pytest.mark.e2e
 def test_a_live_workdir_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from experiments.lib import workdir as w; "
+      [sys.executable, "-c", "import sys, time; from experiments.runtime import workdir as w; "
        f"lock = w.Lock(w.resolve({str(tmp_path)!r})); lock.acquire(); print('held', flush=True); "
        "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(errors.WorkdirBusy, match=f"in use by pid {holder.pid} on "):
-      loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
-                              dataset=DATASET)
+      train_in_session(tiny_config(halt_after_steps=1), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
   finally:
     holder.kill()  # dies without releasing anything by hand
     holder.wait(30)
-  run = loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
-                                dataset=DATASET)
-  assert run.results["steps"] == 1
+  assert train_in_session(tiny_config(halt_after_steps=1), tmp_path).results.steps == 1
+
+
+def train_in_session(config, workdir, source=DATASET):
+  """A run in the shell the command line puts around it: the workdir lock, signals."""
+  path = workdir_lib.resolve(workdir)
+  with session.run_session(path) as stop_requested:
+    return loop.train_and_evaluate(config, path, source, stop=stop_requested)
 
 
 def test_removing_or_damaging_the_lock_file_never_lets_a_second_run_in(tmp_path):
@@ -150,9 +158,9 @@ def largest_file(directory: pathlib.Path) -> pathlib.Path:
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, damage):
   config = tiny_config(epochs=2, checkpoint_every_steps=2)
-  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), dataset=DATASET)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), source=DATASET)
   config.halt_after_steps = 6
-  loop.train_and_evaluate(config, str(tmp_path / "run"), dataset=DATASET)
+  loop.train_and_evaluate(config, str(tmp_path / "run"), source=DATASET)
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
   target = largest_file(tmp_path / "run" / "checkpoints" / "6" / "state")
   data = bytearray(target.read_bytes())
@@ -163,9 +171,9 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
     data[middle:middle + 64] = bytes(64 * [0x5A])
     target.write_bytes(bytes(data))
   config.halt_after_steps = 0
-  resumed = loop.train_and_evaluate(config, str(tmp_path / "run"), dataset=DATASET)
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "run"), source=DATASET)
   assert (tmp_path / "run" / "damaged" / "checkpoint-6").is_dir()
-  assert resumed.results["finished"]
+  assert resumed.results.finished
   np.testing.assert_array_equal(np.asarray(resumed.state.params["head"]["kernel"]),
                                 np.asarray(straight.state.params["head"]["kernel"]))
   assert latest_meta(tmp_path / "run")[1]["checksums"] == latest_meta(
@@ -183,22 +191,21 @@ def test_checksums_name_the_array_that_changed():
 
 
 def test_problems_are_found_before_training(tmp_path):
-  def fails(match, config=None, dataset=DATASET):
+  def fails(match, config=None):
     with pytest.raises(errors.UserError, match=match):
-      loop.train_and_evaluate(config or tiny_config(), str(tmp_path / "w"), dataset=dataset)
+      loop.train_and_evaluate(config or tiny_config(), str(tmp_path / "w"), source=DATASET)
     assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was trained
 
   fails("eval_batch_size must be a positive integer", tiny_config(eval_batch_size=0))
   fails("batch_size must be a positive integer", tiny_config(batch_size=0))
   fails("does not split over 4 devices", tiny_config(eval_batch_size=6))
-  small_test = data_lib.Split(DATASET.test.images[:, :4, :4], DATASET.test.labels)
-  fails(r"test images are \(4, 4, 3\), training images \(8, 8, 3\)",
-        dataset=data_lib.Dataset(DATASET.train, DATASET.validation, small_test, 10,
-                                 DATASET.mean_image, DATASET.std, True, "tiny"))
-  bad_labels = data_lib.Split(DATASET.test.images, DATASET.test.labels + 10)
-  fails("outside the 10 classes",
-        dataset=data_lib.Dataset(DATASET.train, DATASET.validation, bad_labels, 10,
-                                 DATASET.mean_image, DATASET.std, True, "tiny"))
+  small_test = in_memory.Split(DATASET.test.images[:, :4, :4], DATASET.test.labels)
+  with pytest.raises(errors.UserError,
+                     match=r"test images are \(4, 4, 3\), training images \(8, 8, 3\)"):
+    dataclasses.replace(DATASET, test=small_test)  # refused as it is made
+  bad_labels = in_memory.Split(DATASET.test.images, DATASET.test.labels + 10)
+  with pytest.raises(errors.UserError, match="outside the 10 classes"):
+    dataclasses.replace(DATASET, test=bad_labels)
   fails("model: CIFAR ResNet depth must be 6n \\+ 2", tiny_config(**{"model.depth": 9}))
   fails(r"learning_rate must be a finite number in \(0, inf\), got nan",
         tiny_config(learning_rate=float("nan")))
@@ -212,20 +219,20 @@ def test_image_folder_surprises_are_named(tmp_path):
   write_image_folder(tmp_path / "empty_class")
   (tmp_path / "empty_class" / "train" / "fox").mkdir()
   with pytest.raises(errors.UserError, match="class folder .*fox holds no .jpg/.png images"):
-    data_lib.load("folder", str(tmp_path / "empty_class"), validation_size=4)
+    folder_source(tmp_path / "empty_class", validation_size=4)
   write_image_folder(tmp_path / "typo")
   (tmp_path / "typo" / "test" / "dog").rename(tmp_path / "typo" / "test" / "dgo")
   with pytest.raises(errors.UserError, match=r"has class folders that .* lacks: \['dgo'\]"):
-    data_lib.load("folder", str(tmp_path / "typo"), validation_size=4)
+    folder_source(tmp_path / "typo", validation_size=4)
   write_image_folder(tmp_path / "sizes")
   odd = tmp_path / "sizes" / "train" / "emu" / "3.png"
   from PIL import Image  # pylint: disable=import-outside-toplevel
   Image.new("RGB", (9, 9)).save(odd)
   with pytest.raises(errors.UserError, match=f"{odd} is \\(9, 9\\)"):
-    data_lib.load("folder", str(tmp_path / "sizes"), validation_size=4)
+    folder_source(tmp_path / "sizes", validation_size=4)
   odd.write_bytes(b"not an image")
   with pytest.raises(errors.UserError, match=f"cannot read image {odd}"):
-    data_lib.load("folder", str(tmp_path / "sizes"), validation_size=4)
+    folder_source(tmp_path / "sizes", validation_size=4)
 
 
 # ------------------------------------------------------------ records after resume
@@ -233,28 +240,28 @@ def test_image_folder_surprises_are_named(tmp_path):
 
 def test_timings_add_up_over_segments_and_a_finished_run_is_left_as_it_was(tmp_path):
   config = tiny_config(epochs=2, halt_after_steps=3)
-  first = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  first = loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
   config.halt_after_steps = 0
-  run = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
-  timing = run.results["timing"]
+  run = loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
+  timing = run.results.timing
   assert timing["train_steps"] == 10  # both segments' steps, each counted once
-  assert timing["compile_s"] > first.results["timing"]["compile_s"] > 0
-  assert timing["wall_s"] > first.results["timing"]["wall_s"]
+  assert timing["compile_s"] > first.results.timing["compile_s"] > 0
+  assert timing["wall_s"] > first.results.timing["wall_s"]
   saved = (tmp_path / "results.json").read_text()
-  again = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  again = loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
   assert (tmp_path / "results.json").read_text() == saved
-  assert again.results == json.loads(saved)
+  assert again.results.to_json() == json.loads(saved)
 
 
 def test_a_truncated_metrics_file_does_not_block_the_restart(tmp_path):
   config = tiny_config(epochs=2, halt_after_steps=4)
-  loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET)
+  loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text(metrics.read_text()[:-25])  # the last line cut short
   config.halt_after_steps = 0
-  done = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  done = loop.train_and_evaluate(config, str(tmp_path), source=DATASET).results
   records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all valid
-  assert max(r["step"] for r in records) == done["steps"] and done["finished"]
+  assert max(r["step"] for r in records) == done.steps and done.finished
   assert any(r["step"] <= 4 for r in records)  # the readable records before the cut stay
 
 
@@ -263,13 +270,13 @@ def test_a_finished_run_whose_results_were_lost_writes_them_again(tmp_path, dama
   # A stop between the last checkpoint and results.json (SIGKILL, a full disk) leaves a
   # workdir whose checkpoint is its final step: the restart writes what the run would have.
   config = tiny_config(epochs=2)
-  done = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  done = loop.train_and_evaluate(config, str(tmp_path), source=DATASET).results.to_json()
   results = tmp_path / "results.json"
   if damage == "removed":
     results.unlink()
   else:
     results.write_text(results.read_text()[:40])
-  again = loop.train_and_evaluate(config, str(tmp_path), dataset=DATASET).results
+  again = loop.train_and_evaluate(config, str(tmp_path), source=DATASET).results.to_json()
   assert json.loads(results.read_text()) == again
   for key in ("steps", "finished", "best_validation_error", "best_validation_step",
               "test_error_at_best_validation", "final_validation_error", "final_test_error",
@@ -360,7 +367,7 @@ def test_sigterm_checkpoints_exits_75_and_the_restart_is_bit_identical(tmp_path,
   # the summary prints errors as percentages.
   sources = {re.search(r" ([\w.]+\.py):\d+\]", line).group(1)
              for line in resumed.stderr.splitlines() if re.match(r"I\d{4} ", line)}
-  assert sources == {"cifar.py", "loop.py"}, sources
+  assert sources == {"training_command.py", "loop.py"}, sources
   assert re.search(r"best validation error \d+\.\d\d% at step \d+; test error there "
                    r"\d+\.\d\d%", resumed.stderr)
   assert_ends_as(tmp_path / "run", straight)
@@ -458,18 +465,18 @@ def test_a_fault_of_the_filesystem_is_found_in_orbax_words_and_in_exception_chai
 
 
 def test_a_background_thread_ended_by_a_full_disk_is_one_warning_line(capfd, caplog):
-  from experiments.lib import writer
+  from experiments.runtime import logs
   import threading
 
   def write_events():
     raise OSError(28, "No space left on device", "/w/tensorboard/events")
-  writer.quiet_libraries(True)
+  logs.quiet_libraries(True)
   try:
     thread = threading.Thread(target=write_events, name="EventFileWriter")
     thread.start()
     thread.join()
   finally:
-    writer.quiet_libraries(False)
+    logs.quiet_libraries(False)
   assert "Traceback" not in capfd.readouterr().err
   assert "EventFileWriter stopped: No space left on device (/w/tensorboard/events)" in (
       caplog.text)

@@ -31,9 +31,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.lib import checkpoint as checkpoint_lib
-from experiments.lib import workdir as workdir_lib
-from experiments.lib import writer
+from experiments import results as results_lib
+from experiments.runtime import workdir as workdir_lib
+from experiments.training import checkpoints as checkpoint_lib
+from experiments.training import writer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -250,12 +251,14 @@ def test_two_processes_train_what_one_process_of_four_devices_trains(halted_two_
 
 def initial_variables() -> dict:
   """The params and batch_stats that RUN_FLAGS' run starts from (its seed, its model)."""
-  from experiments.configs import quick  # pylint: disable=import-outside-toplevel
-  from experiments.lib import steps  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from experiments.configs import quick
+  from experiments.training import recipe
+  from experiments.training import steps
   config = quick.get_config()
   config.model.depth = 8
-  model = steps.build_model(config, 10)
-  tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, 15))
+  model = recipe.build_model(config, 10)
+  tx = recipe.make_optimizer(config, recipe.learning_rate_schedule(config, 15))
   state = jax.device_get(steps.create_train_state(model, tx, (32, 32, 3), config.seed))
   return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -398,17 +401,17 @@ def test_a_gs_workdir_stays_a_url_and_every_report_is_written_through_epath(
   with gs_bucket_in(tmp_path / "gcs", monkeypatch):
     workdir_lib.Lock(path).acquire()  # object stores have no lock: not enforced there
     run_writer = writer.RunWriter(path, start_step=0)
-    run_writer.write(1, {"train/loss": 2.5})
-    run_writer.write(2, {"train/loss": 2.0})
+    run_writer.write_metrics(1, {"train/loss": 2.5})
+    run_writer.write_metrics(2, {"train/loss": 2.0})
     run_writer.flush()
-    run_writer.results({"steps": 2})
+    run_writer.write_results(results_lib.Results(config={}, steps=2, finished=False))
+    run_writer.write_config({})
     run_writer.close()
-    workdir_lib.write_text_atomic(path / "config.json", "{}")
     resumed = writer.RunWriter(path, start_step=1)  # reads metrics.jsonl back
     resumed.close()
   bucket = tmp_path / "gcs" / "bucket" / "run"
-  assert json.loads((bucket / "results.json").read_text()) == {"steps": 2}
-  assert (bucket / "config.json").read_text() == "{}"
+  assert json.loads((bucket / "results.json").read_text())["steps"] == 2
+  assert json.loads((bucket / "config.json").read_text()) == {}
   steps = [json.loads(line)["step"] for line in (bucket / "metrics.jsonl").read_text(
   ).splitlines()]
   assert steps == [1]  # the resumed writer kept the records up to its start step

@@ -10,11 +10,11 @@ from matplotlib import image as mpl_image
 import numpy as np
 import pytest
 
-from experiments import report as report_cli
-from experiments.lib import figures
-from experiments.lib import paper
-from experiments.lib import runs as runs_lib
-from experiments.lib import tables
+from experiments.report import document
+from experiments.report import figures
+from experiments.report import paper
+from experiments.report import runs as runs_lib
+from experiments.report import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WINDOW_STEPS = (3, 2)  # two log windows per epoch, of unequal length
@@ -108,7 +108,7 @@ def pair(tmp_path):
 
 def test_report_writes_markdown_that_embeds_pngs_that_decode(pair, tmp_path):
   out = tmp_path / "report"
-  report, warnings = tables.write_report([pair[0][0], pair[1][0]], out)
+  report, warnings = document.write_report([pair[0][0], pair[1][0]], out)
   assert warnings == []
   text = report.read_text()
   embedded = [part.split(")")[0] for part in text.split("](")[1:]]
@@ -291,7 +291,7 @@ def test_sweep_has_a_line_per_rule_and_the_report_includes_it(tmp_path):
                              [100 * (1 + p) / 60 for p in (0.2, 0.5, 1.0)])
   runs, _ = runs_lib.load_runs([*dirs, tmp_path / "other_data"])
   assert [len(g) for g in runs_lib.sweep_groups(runs)] == [6]
-  report, _ = tables.write_report([*dirs, tmp_path / "other_data"], tmp_path / "out")
+  report, _ = document.write_report([*dirs, tmp_path / "other_data"], tmp_path / "out")
   assert "![p_L sweep](p_last_sweep.png)" in report.read_text()
 
 
@@ -299,7 +299,7 @@ def test_cli_writes_the_report_and_warns_of_skipped_dirs(pair, tmp_path, capsys)
   (tmp_path / "never_logged").mkdir()
   (tmp_path / "never_logged" / "config.json").write_text(json.dumps(config_dict()))
   dirs = [str(pair[0][0]), str(pair[1][0]), str(tmp_path / "never_logged")]
-  assert report_cli.report(dirs, str(tmp_path / "out")) == 0
+  assert document.report(dirs, str(tmp_path / "out")) == 0
   assert (tmp_path / "out" / "REPORT.md").exists()
   printed = capsys.readouterr()
   assert printed.out.strip().endswith("REPORT.md")
@@ -323,7 +323,7 @@ def test_damaged_side_files_are_left_out_and_named(pair, tmp_path):
   with open(sd_dir / "metrics.jsonl", "a") as f:
     f.write('{"step": 99, "train/lo')  # a line cut short by a kill
   (constant_dir / "results.json").write_text("{garbled")
-  report, warnings = tables.write_report([sd_dir, constant_dir], tmp_path / "out")
+  report, warnings = document.write_report([sd_dir, constant_dir], tmp_path / "out")
   sd, constant = (runs_lib.load_run(d) for d in (sd_dir, constant_dir))
   assert sd.problems == ("1 damaged line(s) of metrics.jsonl left out",)
   assert all(r["step"] != 99 for r in sd.records)

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from experiments.configs import quick
-from experiments.lib import loop
-from experiments.lib import sweeps
+from experiments.sweep import sweeps
+from experiments.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = ["--config.model.depth=8", "--config.epochs=1", "--config.batch_size=128",
@@ -27,10 +27,10 @@ def quick_config(p_last):
 
 
 def test_the_named_sweeps():
-  assert sweeps.runs("pair", 0.5) == [
+  assert sweeps.sweep_configs("pair", 0.5) == [
       ("stochastic", ["--config.survival.p_last=0.5"]),
       ("constant", ["--config.survival.p_last=1.0"])]
-  grid = sweeps.runs("p_last", 0.5)
+  grid = sweeps.sweep_configs("p_last", 0.5)
   assert len(grid) == 19 and grid[0][0] == "linear_decay_p0.1" and grid[-1][0] == "uniform_p0.9"
   assert ("linear_decay_p1.0", ["--config.survival.rule=linear_decay",
                                 "--config.survival.p_last=1.0"]) in grid
@@ -58,7 +58,7 @@ def test_a_pair_sweep_skips_the_finished_run_resumes_the_other_and_reports(tmp_p
   assert (root / "constant" / "results.json").read_text() == constant_results
   stochastic = json.loads((root / "stochastic" / "results.json").read_text())
   assert stochastic["finished"] and stochastic["timing"]["train_steps"] == 19
-  assert finished["finished"]
+  assert finished.finished
   report = (root / "report" / "REPORT.md").read_text()
   assert "stochastic" in report and "constant" in report
 
@@ -112,11 +112,12 @@ def test_the_report_lists_a_failed_config_with_its_exit_status(tmp_path, monkeyp
   """One run finishes, one diverges (it logged), one fails before logging (a p_last
   sweep cut to three): the sweep exits 1 and the report shows the two that logged and
   lists both failures with their exit statuses."""
-  from experiments import report as report_cli
+  from experiments.report import document
   from tests.experiments.test_report import make_run
   outcomes = {"linear_decay_p0.1": 0, "linear_decay_p0.2": 3, "linear_decay_p0.3": 2}
-  every_run = sweeps.runs
-  monkeypatch.setattr(sweeps, "runs", lambda sweep, p_last: every_run(sweep, p_last)[:3])
+  every_run = sweeps.sweep_configs
+  monkeypatch.setattr(sweeps, "sweep_configs",
+                      lambda sweep, p_last: every_run(sweep, p_last)[:3])
 
   def fake_run(self, command):
     del self
@@ -132,11 +133,11 @@ def test_the_report_lists_a_failed_config_with_its_exit_status(tmp_path, monkeyp
     dirs = [a for a in command[3:] if not a.startswith("--")]
     out = next(a.split("=", 1)[1] for a in command if a.startswith("--out="))
     failed = [a.split("=", 1)[1] for a in command if a.startswith("--failed=")]
-    return type("Done", (), {"returncode": report_cli.report(dirs, out, failed)})()
+    return type("Done", (), {"returncode": document.report(dirs, out, failed)})()
 
-  monkeypatch.setattr(sweeps.StopForwarding, "run", fake_run)
+  monkeypatch.setattr(sweeps.ChildProcess, "run", fake_run)
   monkeypatch.setattr(sweeps.subprocess, "run", report_in_process)
-  assert sweeps.run("p_last", "quick.py", str(tmp_path), 0.5, []) == 1
+  assert sweeps.run_sweep("p_last", "quick.py", str(tmp_path), 0.5, []) == 1
   report = (tmp_path / "report" / "REPORT.md").read_text()
   runs_table = report.split("## Failed runs")[0]
   assert "linear_decay_p0.1" in runs_table and "linear_decay_p0.2" in runs_table

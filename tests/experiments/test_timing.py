@@ -4,36 +4,38 @@ import time
 
 import pytest
 
-from experiments.lib import loop
+from experiments.training import evaluation
+from experiments.training import loop
+from experiments.training import stopwatch
 from tests.experiments.test_training import tiny_config, tiny_dataset
 
 
 def test_a_slow_evaluation_does_not_count_as_training_time(tmp_path, monkeypatch):
   calls, skew = [], [0.0]
-  real_evaluate = loop.evaluate
+  real_evaluate = evaluation.Evaluator.__call__
 
   def slow_evaluate(*args, **kwargs):  # each evaluation takes 100 s more on the clock
     calls.append(1)
     skew[0] += 100.0
     return real_evaluate(*args, **kwargs)
 
-  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+  monkeypatch.setattr(evaluation.Evaluator, "__call__", slow_evaluate)
   config = tiny_config(epochs=3, log_every_steps=2)  # 5 steps/epoch
-  run = loop.train_and_evaluate(config, str(tmp_path), dataset=tiny_dataset(),
+  run = loop.train_and_evaluate(config, str(tmp_path), source=tiny_dataset(),
                                 clock=lambda: time.perf_counter() + skew[0])
-  timing = run.results["timing"]
+  timing = run.results.timing
   # Validation + test after each of 3 epochs; the final errors are the last evaluation's.
   assert len(calls) == 6
-  assert run.results["final_test_error"] == json.loads(
+  assert run.results.final_test_error == json.loads(
       (tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["test/error"]
   assert timing["evaluate_s"] >= 100.0 * len(calls)
   assert timing["train_s"] < 100.0  # 15 tiny steps: none of the evaluations' time
   assert timing["train_steps"] == 15
   assert (timing["train_s"] + timing["evaluate_s"] + timing["checkpoint_s"]
           + timing["compile_s"] <= timing["wall_s"])
-  assert run.results["train_images_per_s"] == pytest.approx(
+  assert run.results.train_images_per_s == pytest.approx(
       15 * config.batch_size / timing["train_s"])
-  assert run.results["seconds_per_epoch"] == pytest.approx(timing["train_s"] / 3)
+  assert run.results.seconds_per_epoch == pytest.approx(timing["train_s"] / 3)
   # The progress windows partition the train time: none holds evaluation time, none
   # counts steps it did not time.
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -72,16 +74,20 @@ def tensorboard_scalars(logdir) -> dict:
 
 def test_stopwatch_books_time_between_events_as_training_only():
   now = [0.0]
-  watch = loop.Stopwatch(totals={"train_s": 5.0, "train_steps": 10, "wall_s": 7.0},
-                         clock=lambda: now[0])
+  watch = stopwatch.Stopwatch(10, totals={"train_s": 5.0, "train_steps": 10, "wall_s": 7.0},
+                              clock=lambda: now[0])
   now[0] = 2.0
-  watch.end_train(4)                  # 2 s of train steps since the start
+  watch.end_train(14)                 # 2 s of train steps (4 of them) since the start
   with watch.measure("evaluate"):
     now[0] = 12.0                     # a 10 s evaluation
+  now[0] = 12.5
+  with watch.waiting_for_input():
+    now[0] = 12.75                    # waiting 0.25 s for a batch is train time too
   now[0] = 13.0
-  watch.end_train(1)                  # 1 s more of training, after the evaluation
-  assert watch.take_window() == (3.0, 5)
-  assert watch.snapshot() == {"train_s": 8.0, "train_steps": 15, "evaluate_s": 10.0,
-                              "checkpoint_s": 0.0, "compile_s": 0.0, "wall_s": 20.0}
-  assert watch.rates(batch_size=2, steps_per_epoch=5) == {
-      "train_images_per_s": 30 / 8.0, "seconds_per_epoch": 8.0 / 15 * 5}
+  watch.end_train(15)                 # 1 s more of training, after the evaluation
+  assert watch.take_window() == stopwatch.Window(3.0, 5, 0.25)
+  assert watch.take_window() == stopwatch.Window()
+  assert watch.snapshot() == {"train_s": 8.0, "train_steps": 15, "input_wait_s": 0.25,
+                              "evaluate_s": 10.0, "checkpoint_s": 0.0, "compile_s": 0.0,
+                              "wall_s": 20.0}
+  assert watch.rates(batch_size=2, steps_per_epoch=5) == (30 / 8.0, 8.0 / 15 * 5)

@@ -86,3 +86,7 @@ class Preempted(RuntimeError):
     super().__init__(f"stopped by request at step {step}; a checkpoint of that step is "
                      "saved: run the same command to continue.")
     self.step = step
+
+
+class IncompatibleCheckpoint(UserError):
+  """A checkpoint the current settings cannot load (other shapes): kept as it is."""

@@ -1,13 +1,14 @@
-"""The paper's optimisation (Huang et al., 2016, Sec. 4) as pure, pmapped steps.
+"""The training and evaluation steps: pure functions, pmapped over the local devices.
 
-One SGD step on every local device: cross-replica BatchNorm, gradients averaged with
-`pmean`, one gate key per step that is the same on every device (the replicated seed key
-folded with the step), augmentation keys that differ per device. Several steps can run in
-one compiled call ("iterations per loop"); their metrics accumulate on the devices and
-are read only when the loop needs them.
+One SGD step on every local device: the data source's preprocessing on the device,
+cross-replica BatchNorm, gradients averaged with `pmean`, one gate key per step that is
+the same on every device (the replicated seed key folded with the step: one mask per
+global mini-batch, the paper's), augmentation keys that differ per device. Several steps
+can run in one compiled call ("iterations per loop"); their metrics accumulate on the
+devices and are read only when the loop needs them.
 
 `make_train_step` is the one builder of the compiled training step: the training loop
-and the benchmark both call it.
+and the benchmarks both call it.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from experiments.lib import data as data_lib
+from experiments.training.recipe import AXIS
 from sdnet import backend
-from sdnet import models
 
-AXIS = "batch"
 GATE_STREAM, AUGMENT_STREAM = 0, 1
+
+# preprocess(images, key) -> float images: the data source's preprocessing on the device
+# (`experiments.data.Source.preprocess`); key is None at evaluation.
+Preprocess = Callable[[jax.Array, jax.Array | None], jax.Array]
 
 
 @flax.struct.dataclass
@@ -40,53 +42,7 @@ class TrainState:
   opt_state: Any
 
 
-# ------------------------------------------------------------------- model, optimiser
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                axis_name: str | None = AXIS) -> models.ResNet:
-  """The configured ResNet (validates depth and survival settings)."""
-  kwargs = dict(
-      num_classes=num_classes, p_last=config.survival.p_last,
-      survival_rule=config.survival.rule, skip=config.skip,
-      scaling=config.survival.scaling, dtype=jnp.dtype(config.dtype),
-      axis_name=axis_name, remat=config.remat)
-  if config.model.family == "cifar":
-    return models.CifarResNet(config.model.depth, **kwargs)
-  if config.model.family == "imagenet":
-    return models.ImageNetResNet(config.model.depth, **kwargs)
-  raise ValueError(f"unknown model family {config.model.family!r}; use 'cifar' or 'imagenet'.")
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  return int(round(config.epochs * steps_per_epoch))
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """The paper's piecewise-constant schedule.
-
-  lr = base_lr * drop^k after the k-th boundary (boundaries at fractions of the run:
-  CIFAR 250/500 and 375/500 epochs, SVHN 30/50 and 35/50); with a warm-up (ResNet-1202)
-  lr = warmup_lr for the first warmup_epochs.
-  """
-  total = total_steps(config, steps_per_epoch)
-  scales = {}
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  init = config.learning_rate
-  if warmup > 0:
-    init = config.warmup_learning_rate
-    scales[warmup] = config.learning_rate / config.warmup_learning_rate
-  for fraction in config.lr_drop_fractions:
-    boundary = int(round(fraction * total))
-    scales[boundary] = scales.get(boundary, 1.0) * config.lr_drop_factor
-  return optax.piecewise_constant_schedule(init, scales)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
-  """Coupled L2 (added to the gradient before momentum) + Nesterov SGD, as Torch's SGD."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+# ------------------------------------------------------------------------- state
 
 
 def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
@@ -133,6 +89,8 @@ def summarize(totals: Mapping[str, Any]) -> dict:
   if "steps" in totals:
     summary["first_block_grad_abs"] = float(totals["first_block_grad_abs"]) / float(
         totals["steps"])
+  if "correct_top5" in totals:
+    summary["top5_error"] = 1.0 - float(totals["correct_top5"]) / count
   return summary
 
 
@@ -155,19 +113,18 @@ def cross_entropy(logits, labels):
 
 
 def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed_key,
-               mean_image, std, augment: bool, axis_name: str | None = AXIS):
+               preprocess: Preprocess, axis_name: str | None = AXIS):
   """One SGD step on this device's share of the global batch.
 
   The gate key depends only on (seed, step): identical on every device, as the paper's
-  one-mask-per-mini-batch and cross-replica BatchNorm require.
+  one-mask-per-mini-batch and cross-replica BatchNorm require. The augmentation key
+  depends on (seed, step, device).
   """
   gate_key = jax.random.fold_in(jax.random.fold_in(seed_key, GATE_STREAM), state.step)
-  images = data_lib.normalise(batch["images"], mean_image, std)
-  if augment:
-    device = jax.lax.axis_index(axis_name) if axis_name else 0
-    aug_key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
-    images = data_lib.augment(aug_key, images)
+  device = jax.lax.axis_index(axis_name) if axis_name else 0
+  augment_key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
+  images = preprocess(batch["images"], augment_key)
 
   def loss_fn(params):
     logits, new_state = model.apply(
@@ -203,35 +160,38 @@ def train_steps(state, batches, metrics, **kwargs):
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model, mean_image, std,
-              axis_name: str | None = AXIS):
-  """Summed loss, correct predictions and count of one padded evaluation batch."""
-  images = data_lib.normalise(batch["images"], mean_image, std)
+def eval_step(state: TrainState, batch: dict, *, model, preprocess: Preprocess,
+              top5: bool = False, axis_name: str | None = AXIS):
+  """Summed loss, correct predictions (top-1, and top-5 if asked) and count of one padded
+  evaluation batch."""
+  images = preprocess(batch["images"], None)
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
                        train=False)
-  mask = batch["mask"]
-  sums = {"loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask),
+  mask, labels = batch["mask"], batch["labels"]
+  sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
           "count": jnp.sum(mask)}
+  if top5:
+    best5 = jax.lax.top_k(logits, 5)[1]
+    sums["correct_top5"] = jnp.sum(jnp.any(best5 == labels[:, None], -1) * mask)
   return jax.lax.psum(sums, axis_name) if axis_name else sums
 
 
 # -------------------------------------------------------------- the compiled steps
 
 
-def make_train_step(model, tx, *, seed: int, mean_image, std: float, augment: bool):
+def make_train_step(model, tx, *, seed: int, preprocess: Preprocess):
   """The training step as every caller runs it: `train_steps` pmapped over the local
   devices, state and metrics donated. Called as (state, batches, metrics)."""
   step = functools.partial(train_steps, model=model, tx=tx, seed_key=jax.random.key(seed),
-                           mean_image=jnp.asarray(mean_image), std=float(std),
-                           augment=augment)
+                           preprocess=preprocess)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 2))
 
 
-def make_eval_step(model, *, mean_image, std: float):
+def make_eval_step(model, *, preprocess: Preprocess, top5: bool = False):
   """`eval_step` pmapped over the local devices; `model` without a BatchNorm axis."""
-  return jax.pmap(functools.partial(eval_step, model=model, mean_image=jnp.asarray(mean_image),
-                                    std=float(std)), axis_name=AXIS)
+  return jax.pmap(functools.partial(eval_step, model=model, preprocess=preprocess,
+                                    top5=top5), axis_name=AXIS)
 
 
 def compile_ahead(pmapped, *args) -> tuple[Any, float]:

@@ -20,8 +20,7 @@ import sys
 from absl import app
 from absl import flags
 
-from experiments.lib import errors
-from experiments.lib import tables
+from experiments.report import document
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory (local or gs://) for REPORT.md and figures.")
@@ -30,39 +29,10 @@ flags.DEFINE_multi_string("failed", [], "A run that failed, as NAME=EXIT_STATUS:
 flags.mark_flag_as_required("out")
 
 
-def parse_failed(values: list[str]) -> list[tuple[str, int]]:
-  """(name, exit status) of each --failed=NAME=EXIT_STATUS."""
-  failed = []
-  for value in values:
-    name, _, code = value.rpartition("=")
-    if not name or not code.lstrip("-").isdigit():
-      raise errors.UserError(f"--failed={value}: give NAME=EXIT_STATUS, e.g. constant=2.")
-    failed.append((name, int(code)))
-  return failed
-
-
-def report(run_dirs: list[str], out: str, failed: list[str] = ()) -> int:
-  """Writes OUT/REPORT.md for `run_dirs` (and the `failed` runs, NAME=EXIT_STATUS);
-  prints its path, or one error line.
-
-  Returns:
-    The exit status: 0 written, 2 a problem to fix.
-  """
-  try:
-    path, warnings = tables.write_report(run_dirs, out, parse_failed(list(failed)))
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  for warning in warnings:
-    print(f"warning: {warning}", file=sys.stderr)
-  print(path)
-  return 0
-
-
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one RUN_DIR (the --workdir of a training run).")
-  sys.exit(report(argv[1:], FLAGS.out, FLAGS.failed))
+  sys.exit(document.report(argv[1:], FLAGS.out, FLAGS.failed))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,20 @@
-"""The paper's tables from runs, and REPORT.md: every figure and table of a set of runs.
+"""The paper's tables from runs, as Markdown.
 
-Table 1 (test error at the best validation epoch and at the end, beside the paper's) and
-Table 2 (training time of each stochastic / constant-depth pair) as Markdown;
-`write_report` writes the figures (`experiments.lib.figures`) and REPORT.md showing them.
+Table 1 (test error at the best validation epoch and at the end, beside the paper's),
+Table 2 (training time of each stochastic / constant-depth pair) and the expected depth
+of every run; `document` puts them in REPORT.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 import dataclasses
-import os
 from typing import Any
 
-from etils import epath
-
-from experiments.lib import errors
-from experiments.lib import figures
-from experiments.lib import paper
-from experiments.lib import runs as runs_lib
-from experiments.lib.writer import format_duration
-from experiments.lib.writer import percent
+from experiments.report import paper
+from experiments.report import runs as runs_lib
+from experiments.results import format_duration
+from experiments.results import percent
 
 # ----------------------------------------------------------------------- tables
 
@@ -38,7 +33,7 @@ def table1_rows(runs: Sequence[runs_lib.Run]) -> list[Table1Row]:
   rows = []
   for run in runs:
     summary = runs_lib.error_summary(run)
-    reference = paper.match(run.config, (run.results or {}).get("dataset", ""))
+    reference = paper.match(run.config, run.results.dataset if run.results else "")
     notes = list(reference.notes)
     if summary.split == "validation":
       notes.insert(0, "no test split: validation error")
@@ -164,83 +159,3 @@ def expected_depth_markdown(rows: Sequence[tuple[runs_lib.Run, int, float]]) -> 
       ["run", "p_L (rule)", "blocks L", "expected blocks E[L~]", "E[L~] / L"],
       [(run.name, f"{run.p_last:g} ({run.rule})", blocks, f"{expected:.2f}",
         f"{expected / blocks:.3f}") for run, blocks, expected in rows])
-
-
-# ----------------------------------------------------------------------- report
-
-
-def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 failed: Sequence[tuple[str, int]] = ()) -> tuple[epath.Path, list[str]]:
-  """Writes the figures and OUT/REPORT.md for the runs in `run_dirs`, and lists the
-  `failed` runs of a sweep, (name, exit status), in a section of their own.
-
-  Returns:
-    The path of REPORT.md and the warnings about directories skipped or read in part
-    (also listed at the end of REPORT.md).
-  Raises:
-    errors.UserError: a directory is not a run's, or no run has any metrics.
-  """
-  runs, warnings = runs_lib.load_runs(run_dirs)
-  if not runs:
-    raise errors.UserError("none of the given run directories has metrics.jsonl: "
-                           "nothing to report.")
-  out = epath.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  sections = ["# Stochastic depth: report\n", _runs_section(runs)]
-  if failed:
-    sections.append(
-        "## Failed runs\n\nThese runs of the sweep ended in failure (exit status as "
-        "`experiments.cifar` documents it; their logs say why). Runs above that share "
-        "their name are what they wrote before failing.\n\n" +
-        markdown_table(["run", "exit status"], [(name, str(code)) for name, code in failed]))
-  figures.save_figure(figures.learning_curves_figure(runs), out / figures.FIGURE_FILES["curves"])
-  sections.append(
-      "## Learning curves (Fig. 3)\n\n"
-      f"![learning curves]({figures.FIGURE_FILES['curves']})\n\n"
-      "Solid: test error per evaluation (validation error for runs without a test split, "
-      "as the legend says); dashed: training loss, the step-weighted mean of each epoch; "
-      "dotted: learning-rate changes.\n")
-  sections.append(
-      "## Table 1: error\n\n" + table1_markdown(table1_rows(runs)) +
-      "\nPaper: test error of Huang et al. (2016), Table 1 (ResNet-1202: Sec. 4), for the "
-      "same dataset, depth and p_L (linear decay); \"-\" where the paper has none.\n")
-  pairs = table2_rows(runs)
-  sections.append("## Table 2: training time\n\n" + (
-      table2_markdown(pairs) + "\nTimes are of the train steps alone (timing.train_s), "
-      "without evaluation, checkpoints or compilation. Paper: Huang et al. (2016), "
-      "Table 2 (p_L = 0.5).\n" if pairs else
-      "No pair of a stochastic and a constant-depth run with the same dataset, depth, "
-      "epochs and batch size.\n"))
-  gradients = figures.gradient_figure(runs)
-  if gradients is not None:
-    figures.save_figure(gradients, out / figures.FIGURE_FILES["gradients"])
-    sections.append(
-        "## Gradient magnitude (Fig. 7)\n\n"
-        f"![first-block gradients]({figures.FIGURE_FILES['gradients']})\n\n"
-        "Mean absolute gradient of the first convolution of residual block 1, per epoch.\n")
-  figures.save_figure(figures.survival_figure(runs), out / figures.FIGURE_FILES["survival"])
-  sections.append(
-      "## Survival probabilities and expected depth\n\n"
-      f"![survival probabilities]({figures.FIGURE_FILES['survival']})\n\n" +
-      expected_depth_markdown(expected_depth_rows(runs)))
-  for i, group in enumerate(runs_lib.sweep_groups(runs)):
-    name = figures.FIGURE_FILES["sweep"] if i == 0 else figures.FIGURE_FILES["sweep"].replace(
-        ".png", f"_{i + 1}.png")
-    figures.save_figure(figures.plot_sweep(group), out / name)
-    sections.append(
-        f"## p_L sweep (Fig. 8, left): {len(group)} runs\n\n![p_L sweep]({name})\n\n"
-        "Left: error at the best validation epoch against p_L per survival rule "
-        "(constant depth, p_L = 1, on both lines). Right: train-step time of the whole "
-        "schedule (unfinished runs: seconds per epoch so far x epochs).\n")
-  if warnings:
-    sections.append("## Left out\n\n" + "".join(f"- {w}\n" for w in warnings))
-  report = out / "REPORT.md"
-  report.write_text("\n".join(sections))
-  return report, warnings
-
-
-def _runs_section(runs: Sequence[runs_lib.Run]) -> str:
-  rows = [(run.name, str(run.path), run.label, run.status(),
-           (run.results or {}).get("dataset", run.dataset)) for run in runs]
-  return "## Runs\n\n" + markdown_table(["run", "workdir", "survival", "status", "data"],
-                                        rows)

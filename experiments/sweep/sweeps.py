@@ -1,4 +1,9 @@
-"""The paper's named sweeps, and running one config after another (`experiments.sweep`)."""
+"""The paper's named sweeps, and running their configs one after another.
+
+Every config of a sweep is `python -m experiments.cifar` in a process and workdir of its
+own (ROOT/NAME); the sweep's --config.* overrides apply to all of them. The sweep's
+report (`experiments.report`) goes to ROOT/report.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,30 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 from absl import logging
 
-from experiments.lib import errors
+from experiments.runtime import errors
+from experiments.runtime import signals
+from sdnet import options
 
 PREEMPTED = errors.Preempted.exit_code
+SWEEPS = ("pair", "p_last")
 
 
-def runs(sweep: str, base_p_last: float) -> list[tuple[str, list[str]]]:
-  """(name, extra --config.* flags) of every run of `sweep`, in the order they run."""
+def sweep_configs(sweep: str, base_p_last: float) -> list[tuple[str, list[str]]]:
+  """(name, extra --config.* flags) of every config of `sweep`, in the order they run.
+
+  pair: Table 1, stochastic depth (the config's p_L) and constant depth (p_L = 1).
+  p_last: Fig. 8 (left), every survival rule at p_L = 0.1, ..., 1.0 (p_L = 1 once: it is
+  constant depth under every rule).
+  """
   if sweep == "pair":
     return [("stochastic", [f"--config.survival.p_last={base_p_last}"]),
             ("constant", ["--config.survival.p_last=1.0"])]
   grid = []
-  for rule in ("linear_decay", "uniform"):
-    for tenth in range(1, 11):
-      if tenth == 10 and rule == "uniform":
-        continue  # p_L = 1 is constant depth under either rule: run it once
+  for i, rule in enumerate(options.choices(options.SurvivalRule)):
+    for tenth in range(1, 11 if i == 0 else 10):
       grid.append((f"{rule}_p{tenth / 10:.1f}",
                    [f"--config.survival.rule={rule}",
                     f"--config.survival.p_last={tenth / 10}"]))
@@ -37,44 +47,38 @@ def config_overrides(argv: list[str]) -> list[str]:
   return [a for a in argv if a.startswith("--config.")]
 
 
-def run_command(config_file: str, workdir: str, overrides: list[str]) -> list[str]:
+def train_command(config_file: str, workdir: str, overrides: list[str]) -> list[str]:
   return [sys.executable, "-m", "experiments.cifar", f"--config={config_file}",
           f"--workdir={workdir}", *overrides]
 
 
-class StopForwarding:
-  """SIGINT and SIGTERM to the sweep reach the running config once, as a SIGTERM.
+class ChildProcess(signals.StopSignals):
+  """Runs one config at a time; SIGINT, SIGTERM and SIGHUP to the sweep reach it as a
+  SIGTERM.
 
   Each config runs in a session of its own, so Ctrl-C in a terminal (which signals the
-  whole foreground process group) reaches it only through the sweep: once, so it saves a
-  checkpoint and exits 75 (a second signal would stop it at once, losing that step). The
-  sweep waits for it, then stops too.
+  whole foreground process group) reaches it only through the sweep: the first signal
+  once, so it saves a checkpoint and exits 75; a second one again, so it stops at once.
+  The sweep waits for it, then stops too.
   """
 
   def __init__(self):
+    super().__init__()
     self.child: subprocess.Popen | None = None
-    self.requested: str | None = None
-    self._previous = {}
 
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
+  def first(self, signum: int) -> None:
+    logging.warning("%s received: passed on to the running config; waiting for it to "
+                    "save a checkpoint and exit.", signal.Signals(signum).name)
+    self._forward()
 
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+  def again(self, signum: int) -> None:
+    del signum
+    self._forward()
 
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested is not None:
-      return
-    self.requested = signal.Signals(signum).name
-    if self.child is not None and self.child.poll() is None:
-      logging.warning("%s received: passed on to the running config; waiting for it to "
-                      "save a checkpoint and exit.", self.requested)
-      self.child.send_signal(signal.SIGTERM)
+  def _forward(self) -> None:
+    child = self.child
+    if child is not None and child.poll() is None:
+      child.send_signal(signal.SIGTERM)
 
   def run(self, command: list[str]) -> int:
     """`command`'s exit status; it is not started once a stop was requested."""
@@ -92,21 +96,21 @@ class StopForwarding:
       self.child = None
 
 
-def run(sweep: str, config_file: str, root: str, base_p_last: float,
-        overrides: list[str], report: bool = True) -> int:
+def run_sweep(sweep: str, config_file: str, root: str, base_p_last: float,
+              overrides: list[str], report: bool = True) -> int:
   """Runs every config of `sweep` in its own process and workdir ROOT/NAME, then the
   report into ROOT/report: the finished runs, what the failed ones logged, and a list of
   the failed ones with their exit status. Returns the sweep's exit status: 75 when
   stopped by a signal (to the sweep or to a run), 1 when any run failed, else the
   report's."""
   reported, failed = [], []
-  with StopForwarding() as stop:
-    for name, extra in runs(sweep, base_p_last):
+  with ChildProcess() as children:
+    for name, extra in sweep_configs(sweep, base_p_last):
       workdir = os.path.join(root, name)
-      command = run_command(config_file, workdir, overrides + extra)
+      command = train_command(config_file, workdir, overrides + extra)
       logging.info("[%s] %s", name, " ".join(command[1:]))
-      code = stop.run(command)
-      if code == PREEMPTED or stop.requested:
+      code = children.run(command)
+      if code == PREEMPTED or children.requested:
         logging.warning("[%s] stopped by request: run the same sweep again to go on.",
                         name)
         return PREEMPTED
@@ -117,6 +121,12 @@ def run(sweep: str, config_file: str, root: str, base_p_last: float,
         if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
           continue  # it never logged: nothing of it to plot
       reported.append(workdir)
+  return write_report(root, reported, failed, report)
+
+
+def write_report(root: str, reported: list[str], failed: list[tuple[str, int]],
+                 report: bool) -> int:
+  """The sweep's report (when asked and some run logged) and its exit status."""
   report_code = 0
   if report and reported:
     command = [sys.executable, "-m", "experiments.report", *reported,

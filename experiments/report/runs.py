@@ -19,11 +19,9 @@ from typing import Any
 from etils import epath
 import numpy as np
 
-from experiments.lib import errors
-from experiments.lib import workdir as workdir_lib
-from experiments.lib import writer
-
-RULES = ("linear_decay", "uniform")
+from experiments import results as results_lib
+from experiments.configs import default
+from experiments.runtime import errors
 
 # ---------------------------------------------------------------------------- runs
 
@@ -33,7 +31,7 @@ class Run:
   """What one workdir holds: its config, its results (None if none) and its records."""
   path: epath.Path
   config: dict
-  results: dict | None
+  results: results_lib.Results | None
   records: list[dict]
   problems: tuple[str, ...] = ()  # what of the workdir could not be read, left out
 
@@ -76,11 +74,11 @@ class Run:
 
   @property
   def finished(self) -> bool:
-    return bool(self.results and self.results.get("finished"))
+    return bool(self.results and self.results.finished)
 
   @property
   def diverged(self) -> bool:
-    return bool(self.results and self.results.get("diverged"))
+    return bool(self.results and self.results.diverged)
 
   @property
   def label(self) -> str:
@@ -97,33 +95,40 @@ class Run:
   def status(self) -> str:
     """"finished", "unfinished (epoch 3.2 of 10)" or "diverged at step N"."""
     if self.diverged:
-      return f"diverged at step {self.results.get('diverged_at_step', '?')}"
+      return f"diverged at step {self.results.diverged_at_step}"
     if self.finished:
       return "finished"
     return f"unfinished (epoch {self.epochs_done():.1f} of {self.epochs:g})"
 
   def epochs_done(self) -> float:
-    if self.results and self.results.get("epochs") is not None:
-      return float(self.results["epochs"])
+    if self.results and self.results.epochs is not None:
+      return float(self.results.epochs)
     return max((record_epoch(r) for r in self.records), default=0.0)
 
   @property
   def has_test_split(self) -> bool:
     """Whether the run evaluated on a test split (else its numbers are validation's)."""
-    results = self.results or {}
-    return (any("test/error" in r for r in self.records)
-            or results.get("test_error_at_best_validation") is not None
-            or results.get("final_test_error") is not None)
+    return (any(results_lib.error_name("test") in r for r in self.records)
+            or bool(self.results and self.results.has_test_error))
 
 
 def record_epoch(record: dict) -> float:
-  return float(record["epoch"])
+  return float(record[results_lib.EPOCH])
 
 
-def _read_json(path: epath.Path, problems: list[str]) -> dict | None:
-  """The JSON object in `path`; None (and a problem noted) if it is missing or damaged."""
+def _read_results(path: epath.Path, problems: list[str]) -> results_lib.Results | None:
+  """The results in `path`; None (and a problem noted) if they are missing or damaged."""
   if not path.exists():
     return None
+  try:
+    return results_lib.parse_results(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    problems.append(f"{path.name} is damaged ({e}), left out")
+    return None
+
+
+def _read_config(path: epath.Path, problems: list[str]) -> dict | None:
+  """The config recorded in `path` (config.json); None (and a problem noted) if damaged."""
   try:
     value = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -150,14 +155,14 @@ def load_run(run_dir: str | os.PathLike) -> Run | None:
   if not metrics.exists():
     return None
   problems: list[str] = []
-  results = _read_json(path / "results.json", problems)
-  config = (results or {}).get("config") or _read_json(path / "config.json", problems)
+  results = _read_results(path / "results.json", problems)
+  config = results.config if results else _read_config(path / "config.json", problems)
   if config is None:
     return None
-  records, damaged = writer.read_records(metrics.read_bytes())
+  records, damaged = results_lib.read_records(metrics.read_bytes())
   if damaged:
     problems.append(f"{damaged} damaged line(s) of metrics.jsonl left out")
-  records.sort(key=lambda r: r["step"])
+  records.sort(key=lambda r: r[results_lib.STEP])
   return Run(path, config, results, records, tuple(problems))
 
 
@@ -194,7 +199,7 @@ def per_epoch_mean(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.nd
     if key not in record:
       continue
     epoch = epoch_index(record)
-    weight = float(record.get("train/steps", 1.0))
+    weight = float(record.get(results_lib.WINDOW_STEPS, 1.0))
     sums[epoch] = sums.get(epoch, 0.0) + weight * float(record[key])
     weights[epoch] = weights.get(epoch, 0.0) + weight
   epochs = sorted(sums)
@@ -206,8 +211,8 @@ def evaluation_curve(run: Run) -> tuple[np.ndarray, np.ndarray, str]:
   """(epochs, errors, split): test error at each evaluation, or validation error when
   the run has no test records."""
   split = "test" if run.has_test_split else "validation"
-  points = [(record_epoch(r), float(r[f"{split}/error"])) for r in run.records
-            if f"{split}/error" in r]
+  name = results_lib.error_name(split)
+  points = [(record_epoch(r), float(r[name])) for r in run.records if name in r]
   epochs, values = zip(*points) if points else ((), ())
   return np.asarray(epochs, dtype=np.float64), np.asarray(values, dtype=np.float64), split
 
@@ -233,25 +238,20 @@ class ErrorSummary:
 def error_summary(run: Run) -> ErrorSummary:
   """Table 1 numbers from results.json, or from metrics.jsonl where it lacks them."""
   split = "test" if run.has_test_split else "validation"
-  results = run.results or {}
-  if split == "test" and results.get("test_error_at_best_validation") is not None:
-    at_best = results["test_error_at_best_validation"]
-  elif split == "validation" and results.get("best_validation_error") is not None:
-    at_best = results["best_validation_error"]
-  else:
+  at_best = run.results.error_at_best_validation(split) if run.results else None
+  if at_best is None:
     at_best = _error_at_best_validation(run.records, split)
-  final = results.get(f"final_{split}_error") if run.finished else None
+  final = run.results.final_error(split) if run.finished else None
   return ErrorSummary(split, at_best, final)
 
 
 def _error_at_best_validation(records: Sequence[dict], split: str) -> float | None:
   """`split` error at the first evaluation with the lowest validation error."""
-  best = None
+  best, validation = None, results_lib.error_name("validation")
   for record in records:
-    if "validation/error" in record and (
-        best is None or record["validation/error"] < best["validation/error"]):
+    if validation in record and (best is None or record[validation] < best[validation]):
       best = record
-  return None if best is None else best.get(f"{split}/error")
+  return None if best is None else best.get(results_lib.error_name(split))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,43 +264,41 @@ class Timing:
 
 def timing(run: Run) -> Timing:
   """From results.json, or from the train windows of metrics.jsonl (unfinished runs)."""
-  results = run.results or {}
-  train_s = (results.get("timing") or {}).get("train_s")
-  if results.get("seconds_per_epoch") is not None and train_s is not None:
-    return Timing(results["seconds_per_epoch"], results.get("train_images_per_s"), train_s)
-  windows = [r for r in run.records if r.get("train/seconds", 0) > 0
-             and r.get("train/steps", 0) > 0]
+  results = run.results
+  train_s = results.timing.get("train_s") if results else None
+  if results and results.seconds_per_epoch is not None and train_s is not None:
+    return Timing(results.seconds_per_epoch, results.train_images_per_s, train_s)
+  steps_name, seconds_name = results_lib.WINDOW_STEPS, results_lib.WINDOW_SECONDS
+  windows = [r for r in run.records if r.get(seconds_name, 0) > 0
+             and r.get(steps_name, 0) > 0]
   if not windows:
     return Timing(None, None, train_s)
   batch = float(run.setting("batch_size"))
-  steps = sum(r["train/steps"] for r in windows)
-  seconds = sum(r["train/seconds"] for r in windows)
+  steps = sum(r[steps_name] for r in windows)
+  seconds = sum(r[seconds_name] for r in windows)
   last = windows[-1]
-  steps_per_epoch = last["step"] / last["epoch"]
+  steps_per_epoch = last[results_lib.STEP] / record_epoch(last)
   return Timing(seconds / steps * steps_per_epoch, steps * batch / seconds, seconds)
 
 
 def expected_depth(run: Run) -> tuple[np.ndarray, float]:
-  """(p_l per block, expected number of blocks): from results.json, else from the config
-  through the model library."""
-  results = run.results or {}
-  if results.get("survival_probs"):
-    probs = np.asarray(results["survival_probs"], dtype=np.float64)
-    return probs, float(results.get("expected_depth", probs.sum()))
-  from sdnet import models  # pylint: disable=g-import-not-at-top  (pulls in jax: only here)
-  if run.setting("model.family", "cifar") == "cifar":
-    build = models.CifarResNet
-  else:
-    build = models.ImageNetResNet
-  probs = np.asarray(build(run.depth, p_last=run.p_last,
-                           survival_rule=run.rule).survival_probs(), dtype=np.float64)
+  """(p_l per block, expected number of blocks): from results.json, else from the
+  model the run's config builds."""
+  if run.results and run.results.survival_probs:
+    probs = np.asarray(run.results.survival_probs, dtype=np.float64)
+    return probs, float(probs.sum())
+  # pylint: disable=g-import-not-at-top  (pulls in jax: only for runs without results)
+  from experiments.training import recipe
+  config = default.with_values(run.config)
+  probs = np.asarray(recipe.build_model(config, num_classes=1).survival_probs(),
+                     dtype=np.float64)
   return probs, float(probs.sum())
 
 
 def sweep_groups(runs: Sequence[Run]) -> list[list[Run]]:
   """Groups of at least 3 runs with distinct (p_L, rule) and otherwise the same
   training config (fields that do not change training ignored)."""
-  ignored = set(workdir_lib.UNCHECKED_FIELDS)
+  ignored = set(default.RESTART_MAY_CHANGE)
   groups: dict[str, list[Run]] = {}
   for run in runs:
     rest = {k: v for k, v in run.config.items() if k not in ignored}

@@ -1,4 +1,4 @@
-"""The paper's figures from runs (`experiments.lib.runs`), as matplotlib Figures.
+"""The paper's figures from runs (`experiments.report.runs`), as matplotlib Figures.
 
 Following Huang et al. (2016): learning curves (Fig. 3), the gradient magnitude of the
 first convolution (Fig. 7), survival probabilities per block, and the p_L sweep (Fig. 8,
@@ -18,7 +18,9 @@ from matplotlib import lines as mpl_lines
 from matplotlib.backends import backend_agg
 import numpy as np
 
-from experiments.lib import runs as runs_lib
+from experiments import results as results_lib
+from experiments.report import runs as runs_lib
+from sdnet import options
 
 LR_DROP_GID = "lr_drop"
 FIGURE_FILES = {"curves": "learning_curves.png", "gradients": "first_block_gradients.png",
@@ -64,11 +66,12 @@ def learning_curves_figure(runs: Sequence[runs_lib.Run]) -> mpl_figure.Figure:
     splits.add(split)
     handles += ax_error.plot(epochs, 100 * errors_, color=color, gid=f"{run.name}/error",
                              label=f"{run.legend}: {split} error")
-    if split == "test" and len(epochs) < sum("validation/error" in r for r in run.records):
+    evaluations = sum(results_lib.error_name("validation") in r for r in run.records)
+    if split == "test" and len(epochs) < evaluations:
       legends.append(f"{run.legend}, test error at new best validation only")
     else:
       legends.append(run.legend)
-    epochs, losses = runs_lib.per_epoch_mean(run.records, "train/loss")
+    epochs, losses = runs_lib.per_epoch_mean(run.records, results_lib.TRAIN_LOSS)
     ax_loss.plot(epochs, losses, color=color, linestyle="--", gid=f"{run.name}/loss",
                  label=f"{run.legend}: training loss")
   _mark_lr_changes(ax_error, runs)
@@ -88,7 +91,7 @@ def learning_curves_figure(runs: Sequence[runs_lib.Run]) -> mpl_figure.Figure:
 def gradient_figure(runs: Sequence[runs_lib.Run]) -> mpl_figure.Figure | None:
   """Fig. 7: mean |dL/dW| of the first convolution of block 1 per epoch; None when no
   run logged it."""
-  key = "train/first_block_grad_abs"
+  key = results_lib.FIRST_BLOCK_GRADIENT
   runs = [run for run in runs if any(key in r for r in run.records)]
   if not runs:
     return None
@@ -131,7 +134,7 @@ def plot_sweep(runs: Sequence[runs_lib.Run]) -> mpl_figure.Figure:
   ax_error, ax_time = fig.subplots(1, 2)
   splits = set()
   hours = max((runs_lib.timing(r).train_s or 0) for r in runs) > 2 * 3600
-  for rule in runs_lib.RULES:
+  for rule in options.choices(options.SurvivalRule):
     members = runs_lib.one_run_per_p_last([r for r in runs if r.rule == rule or r.is_constant_depth])
     if not any(r.rule == rule and not r.is_constant_depth for r in members):
       continue

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from experiments.lib import errors
+from experiments.runtime import errors
 
 
 def agree_on_start_step(step: int) -> int:

@@ -3,18 +3,18 @@
 - Orbax writes each checkpoint into a temporary directory and renames it when complete,
   and the latest two are kept, so a crash while saving never loses the previous one.
 - Every array's CRC-32 is saved in the checkpoint's metadata and checked on restore, so
-  overwritten bytes are found, not trained on. A damaged checkpoint is moved aside to
-  WORKDIR/damaged/ (kept for inspection) and the next older one is used.
+  overwritten bytes are found, not trained on. A damaged checkpoint (bytes that fail
+  their checksums, files that cannot be read) is moved aside to WORKDIR/damaged/, kept
+  for inspection, and the next older one is used. A checkpoint whose arrays have other
+  shapes than the current settings give (another depth, other classes) is not damaged:
+  it is refused (`errors.IncompatibleCheckpoint`) and left where it is.
 - On many hosts every process takes part in every save; the two managers use their own
   barrier names, so saving the latest and the best checkpoint of one step never collide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-import contextlib
-import os
-import time
+from collections.abc import Callable
 from typing import Any
 import zlib
 
@@ -23,6 +23,8 @@ from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from experiments.runtime import errors
 
 
 def checksums(state: Any) -> dict[str, int]:
@@ -38,6 +40,26 @@ def damaged_arrays(state: Any, expected: dict[str, int]) -> list[str]:
   return sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
 
 
+def _path_name(path) -> str:
+  """"params/head/kernel": a tree path, whether its nodes are dicts, attributes (a
+  TrainState's fields) or sequence items (optax's states)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def shapes(tree: Any) -> dict[str, tuple]:
+  """{path: shape} of every array (or array metadata) of a tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shape_differences(saved: dict[str, tuple], template: dict[str, tuple]) -> list[str]:
+  """One phrase per array whose shape (or presence) differs between two `shapes`."""
+  return [f"{path} is {saved.get(path, 'absent')} there and "
+          f"{template.get(path, 'absent')} now"
+          for path in sorted(set(saved) | set(template)) if saved.get(path) != template.get(path)]
+
+
 class Checkpoints:
   """`WORKDIR/checkpoints` (latest `keep` steps) and `WORKDIR/best` (one)."""
 
@@ -45,10 +67,14 @@ class Checkpoints:
     self.workdir = workdir
 
     def manager(name: str, max_to_keep: int):
-      return ocp.CheckpointManager(workdir / name, options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix=name)))
+      return ocp.CheckpointManager(
+          workdir / name,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, create=True,
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix=name)))
 
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1)
@@ -68,6 +94,10 @@ class Checkpoints:
     manager = self.best if best else self.latest
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def saved_shapes(self, step: int) -> dict[str, tuple]:
+    """`shapes` of the state saved at `step`, from its metadata (no array is read)."""
+    return shapes(self.latest.item_metadata(step)["state"])
+
   def restore(self, step: int, template: Any, best: bool = False) -> tuple[Any, dict]:
     """(state, meta) saved at `step`, shaped like `template`; ValueError if damaged."""
     manager = self.best if best else self.latest
@@ -84,20 +114,29 @@ class Checkpoints:
     """(step, state, meta) of the newest checkpoint that restores and verifies.
 
     `check_meta(meta)` runs first on each one's metadata and may raise (a config that
-    does not match is the user's to resolve, not a damaged file). Damaged checkpoints
-    are reported in one line each and moved to WORKDIR/damaged/. None if none is left.
+    does not match is the user's to resolve, not a damaged file); then the saved shapes
+    must be the template's (else `errors.IncompatibleCheckpoint`, the checkpoint kept).
+    Damaged checkpoints are reported in one line each and moved to WORKDIR/damaged/.
+    None if none is left.
     """
     for step in reversed(self.steps()):
       try:
-        with _quiet_when_failing():
-          meta = self.read_meta(step)
+        meta = self.read_meta(step)
+        saved = self.saved_shapes(step)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
       check_meta(meta)
+      differences = shape_differences(saved, shapes(template))
+      if differences:
+        raise errors.IncompatibleCheckpoint(
+            f"the checkpoint of step {step} in {self.workdir} cannot be loaded with the "
+            f"current settings: {'; '.join(differences[:3])}"
+            f"{f' (and {len(differences) - 3} more)' if len(differences) > 3 else ''}. "
+            "It is kept as it is: resume with the settings it was trained with, or use "
+            "a new --workdir.")
       try:
-        with _quiet_when_failing():
-          state, meta = self.restore(step, template)
+        state, meta = self.restore(step, template)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
@@ -128,30 +167,8 @@ class Checkpoints:
       manager.wait_until_finished()
       manager.close()
 
-  def __enter__(self) -> "Checkpoints":
+  def __enter__(self) -> Checkpoints:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-@contextlib.contextmanager
-def _quiet_when_failing(drain_s: float = 0.5) -> Iterator[None]:
-  """Closes stderr (fd 2) during a restore attempt, and for `drain_s` after a failure.
-
-  When a read fails, orbax closes its event loop while tensorstore still completes the
-  other reads, and each late completion prints an "Event loop is closed" traceback from a
-  C++ thread: dozens of them, burying the real error. `restore_newest_good` reports the
-  failure in one line instead.
-  """
-  saved = os.dup(2)
-  with open(os.devnull, "w") as devnull:  # pylint: disable=unspecified-encoding
-    os.dup2(devnull.fileno(), 2)
-  try:
-    yield
-  except Exception:  # pylint: disable=broad-except
-    time.sleep(drain_s)
-    raise
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)

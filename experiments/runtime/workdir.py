@@ -1,4 +1,4 @@
-"""The workdir of a run: its path (local or `gs://`), its lock, its recorded config.
+"""The workdir of a run: its path (local or `gs://`), atomic writes into it, its lock.
 
 - Paths go through `etils.epath`, as orbax's do, so a workdir may be any filesystem the
   ecosystem speaks (`gs://bucket/run`, local folders); only local paths are made absolute.
@@ -6,8 +6,6 @@
   of the run. The operating system releases it when the process dies, however it dies,
   so a crash never blocks the next start; a second start is refused, naming the holder.
   (Object stores such as GCS have no such lock: there the check is not made.)
-- The config of the run is recorded in its checkpoints; `config_differences` says which
-  training-relevant fields a restart would change.
 """
 
 from __future__ import annotations
@@ -15,23 +13,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import json
 import os
 import socket
-from typing import Any
 
 from absl import logging
 from etils import epath
-import ml_collections
 
-from experiments.lib import errors
-
-# Fields that do not change the trained model or its reported numbers: a restart may
-# change them freely.
-UNCHECKED_FIELDS = frozenset({
-    "data_dir", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-    "steps_per_call", "halt_after_steps", "skip", "remat",
-})
+from experiments.runtime import errors
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -107,27 +95,3 @@ class Lock:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
-
-
-def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{"a.b": leaf} of a nested dict."""
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def config_differences(recorded: dict[str, Any], current: dict[str, Any]
-                       ) -> list[tuple[str, Any, Any]]:
-  """(field, recorded value, current value) for every training-relevant field that
-  differs (lists and tuples compare equal when their items do)."""
-  old, new = flatten(recorded), flatten(current)
-  normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-  return [(field, old.get(field), new.get(field)) for field in sorted(set(old) | set(new))
-          if field not in UNCHECKED_FIELDS and normal(old.get(field)) != normal(new.get(field))]

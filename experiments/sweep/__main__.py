@@ -24,13 +24,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.lib import command_line
-from experiments.lib import sweeps
+from experiments.runtime import command_line
+from experiments.sweep import sweeps
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The base config file of every run.",
                                 lock_config=True)
-flags.DEFINE_enum("sweep", None, ["pair", "p_last"], "Which sweep to run.")
+flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "Which sweep to run.")
 flags.DEFINE_string("root", None, "Directory holding one workdir per run, and the report.")
 flags.DEFINE_bool("report", True, "Write ROOT/report when every run has finished.")
 flags.mark_flags_as_required(["config", "sweep", "root"])
@@ -39,9 +39,9 @@ flags.mark_flags_as_required(["config", "sweep", "root"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  sys.exit(sweeps.run(FLAGS.sweep, FLAGS["config"].config_filename, FLAGS.root,
-                      FLAGS.config.survival.p_last, sweeps.config_overrides(sys.argv[1:]),
-                      FLAGS.report))
+  sys.exit(sweeps.run_sweep(FLAGS.sweep, FLAGS["config"].config_filename, FLAGS.root,
+                            FLAGS.config.survival.p_last,
+                            sweeps.config_overrides(sys.argv[1:]), FLAGS.report))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import os
 import re
 from typing import Any
 
+from sdnet import options
+
 P_LAST = 0.5  # the paper's stochastic-depth setting (Sec. 4)
-RULE = "linear_decay"
+RULE = options.PAPER_SURVIVAL_RULE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,50 @@
+"""Settings that cannot work, refused before anything long starts (one line each)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from experiments.runtime import errors
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# name: (lowest, highest, whether the lowest is allowed); None: the number of epochs.
+_RANGES = {
+    "learning_rate": (0.0, math.inf, False), "warmup_learning_rate": (0.0, math.inf, False),
+    "lr_drop_factor": (0.0, 1.0, False), "momentum": (0.0, 1.0, True),
+    "weight_decay": (0.0, 1.0, True), "warmup_epochs": (0.0, None, True)}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.UserError` on settings that cannot work, naming the field."""
+  devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    value = config[name]
+    if not isinstance(value, int) or value < 1:
+      raise errors.UserError(f"{name} must be a positive integer, got {value!r}.")
+    if value % devices:
+      raise errors.UserError(
+          f"{name} {value} does not split over {devices} devices: choose a multiple of "
+          f"{devices} (e.g. --config.{name}={devices * max(1, value // devices)}).")
+  if config.epochs <= 0:
+    raise errors.UserError(f"epochs must be positive, got {config.epochs}.")
+  for name, (low, high, low_allowed) in _RANGES.items():
+    high = config.epochs if high is None else high
+    value = config[name]
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and (low <= value if low_allowed else low < value) and value <= high):
+      raise errors.UserError(
+          f"{name} must be a finite number in {'[' if low_allowed else '('}{low:g}, "
+          f"{high:g}{')' if math.isinf(high) else ']'}, got {value!r}.")
+  if any(not 0 < f < 1 for f in config.lr_drop_fractions):
+    raise errors.UserError(
+        f"lr_drop_fractions must lie in (0, 1), got {config.lr_drop_fractions}.")
+  if config.dtype not in DTYPES:
+    raise errors.UserError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
+  for name in ("eval_every_steps", "log_every_steps", "checkpoint_every_steps",
+               "halt_after_steps", "steps_per_call"):
+    if config[name] < 0:
+      raise errors.UserError(f"{name} must be >= 0, got {config[name]}.")
