@@ -224,9 +224,7 @@ class ResNet(nn.Module):
 
   def stage_skip(self) -> str:
     """"cond", "mask" or "compact": what `skip` stands for on this backend and mode."""
-    if self.skip == "auto":
-      return backend.auto_skip(self.mode, stage=True)
-    return "mask" if self.mode == "row" else self.skip
+    return backend.resolve_skip(self.skip, self.mode, stage=True)
 
   @property
   def num_blocks(self) -> int:

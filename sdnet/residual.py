@@ -42,9 +42,7 @@ def resolve_skip(skip: options.Skip, mode: options.Mode = "batch") -> str:
   options.check("skip implementation", skip, options.Skip)
   options.check("mode", mode, options.Mode)
   options.check_skip_for_mode(skip, mode)
-  if skip == "auto":
-    return backend.auto_skip(mode, stage=False)
-  return "mask" if mode == "row" else skip
+  return backend.resolve_skip(skip, mode, stage=False)
 
 
 def _is_static_one(p) -> bool:

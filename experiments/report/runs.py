@@ -22,6 +22,7 @@ import numpy as np
 from experiments import results as results_lib
 from experiments.configs import default
 from experiments.runtime import errors
+from sdnet import options
 
 # ---------------------------------------------------------------------------- runs
 
@@ -48,25 +49,11 @@ class Run:
       value = value[part]
     return value
 
-  @property
-  def p_last(self) -> float:
-    return float(self.setting("survival.p_last", 1.0))
-
-  @property
-  def rule(self) -> str:
-    return self.setting("survival.rule", "linear_decay")
-
-  @property
-  def depth(self) -> int:
-    return int(self.setting("model.depth"))
-
-  @property
-  def dataset(self) -> str:
-    return self.setting("dataset", "?")
-
-  @property
-  def epochs(self) -> float:
-    return float(self.setting("epochs"))
+  p_last = property(lambda self: float(self.setting("survival.p_last", 1.0)))
+  rule = property(lambda self: self.setting("survival.rule", options.PAPER_SURVIVAL_RULE))
+  depth = property(lambda self: int(self.setting("model.depth")))
+  dataset = property(lambda self: self.setting("dataset", "?"))
+  epochs = property(lambda self: float(self.setting("epochs")))
 
   @property
   def is_constant_depth(self) -> bool:

@@ -97,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with watch.measure("compile"):
         train = setup_lib.compile_train_steps(setup, state, metrics, set(chunks))
         evaluations.compile(state)
-      logging.info("compiled in %.1f s", watch.totals["compile_s"])
+      logging.info("compiled in %.1f s", watch.last_s)
       progress, saver = Progress(setup, writer, watch), resume.Saver(checkpoints, record, watch)
       for length, batch in zip(chunks, train_batches(setup, step, chunks, watch)):
         state, metrics = train[length](state, batch, metrics)
@@ -236,12 +236,12 @@ def read_results(path: epath.Path) -> results_lib.Results | None:
 
 
 def already_there(setup: setup_lib.Setup, path: epath.Path, step: int, state,
-                  evaluations: evaluation.Evaluations, **books) -> Outcome:
+                  evaluations: evaluation.Evaluations, *, record: resume.Record,
+                  watch: stopwatch.Stopwatch, writer: writer_lib.RunWriter) -> Outcome:
   """A restart at the step the run stops at: nothing to train. The results are those
   written when it got there; if they are missing, damaged or of another step (it
   stopped between its last checkpoint and its results), they are written again from
-  that step's checkpoint, as the run would have written them (`books`: `finish`'s
-  record, watch and writer)."""
+  that step's checkpoint, as the run would have written them (`finish`'s arguments)."""
   results = read_results(path)
   if results is not None and results.steps == step:
     logging.info("%s already reached step %d: nothing to do.", path, step)
@@ -249,10 +249,10 @@ def already_there(setup: setup_lib.Setup, path: epath.Path, step: int, state,
   logging.warning("%s reached step %d but its results.json is %s: writing it from that "
                   "step's checkpoint.", path, step,
                   "missing or damaged" if results is None else "of another step")
-  with books["watch"].measure("compile"):
+  with watch.measure("compile"):
     evaluations.compile(state)
   final = evaluations.final(state, step) if setup.plan.finished else {}
-  return finish(setup, step, state, final, **books)
+  return finish(setup, step, state, final, record=record, watch=watch, writer=writer)
 
 
 def finished_before(path: epath.Path, config: ml_collections.ConfigDict) -> Outcome | None:

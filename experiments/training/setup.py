@@ -30,6 +30,7 @@ class Setup:
   BatchNorm axis; `eval_model` without), plan, schedule and optimiser built from them."""
   config: ml_collections.ConfigDict
   source: data.Source
+  identity: dict  # the source's identity, what a restart compares
   model: models.ResNet
   eval_model: models.ResNet
   plan: plan_lib.Plan
@@ -38,7 +39,14 @@ class Setup:
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict, source: data.Source) -> Setup:
+    """The setup of `config` on `source`, the same on every host (else a UserError
+    naming the processes and fields that differ)."""
     logging.info("data: %s", source.describe())
+    identity = source.identity()
+    multihost.agree_on({  # (a host's data_dir may be a local copy of its own)
+        **{f"setting {k}": v for k, v in resume.flatten(resume.config_dict(config)).items()
+           if k != "data_dir"},
+        **{f"data {k}": v for k, v in identity.items() if k != "name"}})
     try:
       model = recipe.build_model(config, source.num_classes)
       eval_model = recipe.build_model(config, source.num_classes, axis_name=None)
@@ -52,7 +60,7 @@ class Setup:
                  survival_lib.expected_depth(probs),
                  model.stage_skip() if min(probs) < 1 else "none (every p_l = 1)",
                  plan.total_steps, plan.steps_per_epoch)
-    return cls(config, source, model, eval_model, plan, schedule,
+    return cls(config, source, identity, model, eval_model, plan, schedule,
                recipe.make_optimizer(config, schedule))
 
   @property
@@ -64,12 +72,8 @@ class Setup:
 def restore_or_initialise(setup: Setup, checkpoints: checkpoints_lib.Checkpoints,
                           allow_config_change: bool) -> tuple[int, Any, resume.Record]:
   """(step, host state, record) to start from: the newest good checkpoint's, else the
-  initial state. Every host must train the same thing and start from the same step."""
-  config, identity = setup.config, setup.source.identity()
-  multihost.agree_on({  # (a host's data_dir may be a local copy of its own)
-      **{f"setting {k}": v for k, v in resume.flatten(resume.config_dict(config)).items()
-         if k != "data_dir"},
-      **{f"data {k}": v for k, v in identity.items() if k != "name"}})
+  initial state; every host starts from the same step."""
+  config, identity = setup.config, setup.identity
   state = jax.device_get(steps.create_train_state(setup.model, setup.tx,
                                                   setup.source.image_shape, config.seed))
   restored = resume.restore(checkpoints, state, config, identity, allow_config_change)

@@ -34,6 +34,7 @@ class Stopwatch:
     self.window = window or Window()
     self._segment_start = self._mark = clock()
     self._wall_at_start = self.totals["wall_s"]
+    self.last_s = 0.0
 
   def restart_train_clock(self) -> None:
     self._mark = self.clock()
@@ -65,11 +66,14 @@ class Stopwatch:
 
   @contextlib.contextmanager
   def measure(self, what: str) -> Iterator[None]:
+    """Counts the time inside as `what` ("evaluate", "checkpoint", "compile"), not train
+    time; `last_s` is then how long it took."""
     start = self.clock()
     try:
       yield
     finally:
-      self.totals[f"{what}_s"] += self.clock() - start
+      self.last_s = self.clock() - start
+      self.totals[f"{what}_s"] += self.last_s
       self._mark = self.clock()
 
   def snapshot(self) -> dict:
