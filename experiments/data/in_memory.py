@@ -144,8 +144,8 @@ class InMemorySource(Source):
     for index, mask in batching.eval_indices(len(data), batch_size, shard):
       yield {"images": data.images[index], "labels": data.labels[index], "mask": mask}
 
-  def preprocess(self, images: jax.Array, key: jax.Array | None) -> jax.Array:
-    return self.device_preprocessing()(images, key)
+  def preprocess(self, batch: dict, key: jax.Array | None) -> jax.Array:
+    return self.device_preprocessing()(batch, key)
 
   def device_preprocessing(self) -> on_device.NormaliseAndShift:
     return on_device.NormaliseAndShift(self.mean_image, self.std, self.augment)

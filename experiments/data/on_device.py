@@ -4,8 +4,9 @@ The paper's CIFAR/SVHN protocol (Huang et al., 2016, Sec. 4): normalise by the p
 mean image and one global std of the training images; in training, CIFAR's augmentation,
 a random translation by an integer in [-4, 4] on each axis with zero fill after
 normalisation (= 4-px zero pad and a random 32x32 crop) and a horizontal flip with
-probability 1/2. Uploading uint8 images and doing this on the device moves a quarter of
-the bytes float32 images would.
+probability 1/2 (`NormaliseAndShift`). ImageNet's colour augmentation and normalisation
+(fb.resnet.torch, `JitterLightingNormalise`). Uploading uint8 images and doing this on
+the device moves a quarter of the bytes float32 images would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.data import imagenet_preprocessing as host
 
 
 def normalise(images: jax.Array, mean_image: jax.Array, std) -> jax.Array:
@@ -42,6 +45,64 @@ def shift_and_flip(key: jax.Array, images: jax.Array, max_shift: int = 4) -> jax
   return jax.vmap(one)(padded, offsets, flips)
 
 
+def grayscale(images: jax.Array) -> jax.Array:
+  """Luma 0.299 R + 0.587 G + 0.114 B of images [..., 3] (fb.resnet.torch's grayscale)."""
+  return images @ jnp.asarray([0.299, 0.587, 0.114], images.dtype)
+
+
+def color_jitter(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
+  """fb.resnet.torch's ColorJitter of images [B, H, W, 3] in [0, 1], per example:
+
+    brightness  x <- a_b x
+    contrast    x <- a_c x + (1 - a_c) mean(gray(x))
+    saturation  x <- a_s x + (1 - a_s) gray(x)
+
+  applied in the order `order` (an index into ORDERS, float) with `factors` [B, 3] =
+  (a_b, a_c, a_s)."""
+  factors = factors[:, :, None, None, None]
+
+  def transform(which, x):
+    gray = grayscale(x)[..., None]
+    target = jnp.stack([jnp.zeros_like(x),
+                        jnp.broadcast_to(jnp.mean(gray, axis=(1, 2, 3), keepdims=True),
+                                         x.shape),
+                        jnp.broadcast_to(gray, x.shape)])
+    a = factors[:, which]
+    return a * x + (1.0 - a) * target[which]
+
+  orders = jnp.asarray(host.ORDERS)[order.astype(jnp.int32)]  # [B, 3]
+  for position in range(3):
+    which = orders[:, position]
+    out = jnp.stack([transform(t, images) for t in range(3)])  # [3, B, H, W, 3]
+    images = jnp.take_along_axis(out, which[None, :, None, None, None], axis=0)[0]
+  return images
+
+
+def lighting(images: jax.Array, alphas: jax.Array) -> jax.Array:
+  """fb.resnet.torch's Lighting: x <- x + V (alpha * lambda), per example, V and lambda
+  the PCA eigenvectors and eigenvalues of ImageNet's pixels, alpha [B, 3] ~ N(0, 0.1^2)."""
+  rgb = (alphas * jnp.asarray(host.EIGENVALUES)) @ jnp.asarray(host.EIGENVECTORS).T
+  return images + rgb[:, None, None, :]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JitterLightingNormalise:
+  """`Source.preprocess` of fb.resnet.torch's ImageNet protocol on the device: uint8
+  crops (already cropped, resized and flipped on the host) to [0, 1]; in training
+  ColorJitter and Lighting with the host's per-example parameters (batch["augment"],
+  `imagenet_preprocessing.augment_parameters`); then ColorNormalize, (x - mean) / std
+  per channel."""
+
+  def __call__(self, batch: dict, key: jax.Array | None) -> jax.Array:
+    del key  # every random choice came from the host
+    images = batch["images"].astype(jnp.float32) / 255.0
+    if "augment" in batch:
+      augment = batch["augment"]
+      images = color_jitter(images, augment[:, 1:4], augment[:, 4])
+      images = lighting(images, augment[:, 5:8])
+    return (images - jnp.asarray(host.MEAN)) / jnp.asarray(host.STD)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NormaliseAndShift:
   """`Source.preprocess` of the paper's protocol: `normalise`, then in training (a key
@@ -50,8 +111,8 @@ class NormaliseAndShift:
   std: float
   augment: bool
 
-  def __call__(self, images: jax.Array, key: jax.Array | None) -> jax.Array:
-    images = normalise(images, jnp.asarray(self.mean_image), float(self.std))
+  def __call__(self, batch: dict, key: jax.Array | None) -> jax.Array:
+    images = normalise(batch["images"], jnp.asarray(self.mean_image), float(self.std))
     if key is not None and self.augment:
       images = shift_and_flip(key, images)
     return images

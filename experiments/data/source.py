@@ -30,9 +30,10 @@ import numpy as np
 
 from experiments.runtime import errors
 
-# preprocess(images, key) -> float32 images, on the device, inside the step; `key` (one
-# per device and step) draws the augmentation in training and is None at evaluation.
-Preprocess = Callable[[jax.Array, "jax.Array | None"], jax.Array]
+# preprocess(batch, key) -> float32 images, on the device, inside the step: `batch` is
+# this device's part of a host batch; `key` (one per device and step) may draw the
+# augmentation in training and is None at evaluation.
+Preprocess = Callable[[dict, "jax.Array | None"], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Source(abc.ABC):
 
   Host batches are dicts of NumPy arrays with leading axes [devices, steps, per_device]
   (training) or [devices, per_device] (evaluation, with a 0/1 "mask" of padded rows):
-  "images" of `image_shape` and `image_dtype`, "labels" int32.
+  "images" of `image_shape` and `image_dtype`, "labels" int32, and any field of the
+  source's own that its `batch_spec` declares (what `preprocess` needs on the device).
   """
   name: str  # what the logs and the report call it
   num_classes: int
@@ -89,8 +91,17 @@ class Source(abc.ABC):
     by comparing it, field by field."""
 
   @abc.abstractmethod
-  def preprocess(self, images: jax.Array, key: jax.Array | None) -> jax.Array:
+  def preprocess(self, batch: dict, key: jax.Array | None) -> jax.Array:
     """The preprocessing on the device (see `Preprocess`); pure, traced into the step."""
+
+  def batch_spec(self, leading: tuple[int, ...], train: bool) -> dict:
+    """The shapes and dtypes of a host batch with `leading` axes (to compile ahead)."""
+    spec = {"images": jax.ShapeDtypeStruct(leading + tuple(self.image_shape),
+                                           self.image_dtype),
+            "labels": jax.ShapeDtypeStruct(leading, np.int32)}
+    if not train:
+      spec["mask"] = jax.ShapeDtypeStruct(leading, np.float32)
+    return spec
 
   def describe(self) -> str:
     splits = ", ".join(f"{n} {split}" for split, n in self.evaluation_splits.items())

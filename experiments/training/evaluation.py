@@ -6,7 +6,6 @@ from absl import logging
 from flax import jax_utils
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import results as results_lib
 from experiments.data import Shard
@@ -27,20 +26,13 @@ class Evaluator:
     self.shard = Shard.of_this_process()
     self.step = steps.make_eval_step(model, preprocess=source.preprocess, top5=top5)
 
-  def batch_spec(self) -> dict:
-    """The shapes of one host batch of this process (for compiling ahead)."""
-    _, per_device = self.shard.rows(self.batch_size)
-    rows = (self.shard.devices, per_device)
-    return {"images": jax.ShapeDtypeStruct(rows + tuple(self.source.image_shape),
-                                           self.source.image_dtype),
-            "labels": jax.ShapeDtypeStruct(rows, np.int32),
-            "mask": jax.ShapeDtypeStruct(rows, np.float32)}
-
   def compile(self, state) -> None:
     """Compiles the step ahead of time for replicated `state` (several processes compile
     it at its first call instead: `setup.compile_train_steps` says why)."""
     if jax.process_count() == 1:
-      self.step = steps.compile_ahead(self.step, state, self.batch_spec())[0]
+      _, per_device = self.shard.rows(self.batch_size)
+      spec = self.source.batch_spec((self.shard.devices, per_device), train=False)
+      self.step = steps.compile_ahead(self.step, state, spec)[0]
 
   def __call__(self, state, split: str) -> dict:
     """`steps.summarize` of `split`: mean loss and error (and top-5 error)."""

@@ -9,7 +9,6 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from experiments import data
@@ -100,9 +99,6 @@ def compile_train_steps(setup: Setup, state, metrics, lengths) -> dict:
   _, per_device = shard.rows(setup.config.batch_size)
   compiled = {}
   for length in sorted(lengths):
-    shape = (shard.devices, length, per_device)
-    batch = {"images": jax.ShapeDtypeStruct(shape + tuple(source.image_shape),
-                                            source.image_dtype),
-             "labels": jax.ShapeDtypeStruct(shape, np.int32)}
+    batch = source.batch_spec((shard.devices, length, per_device), train=True)
     compiled[length] = steps.compile_ahead(p_train, state, batch, metrics)[0]
   return compiled

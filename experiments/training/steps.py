@@ -29,9 +29,9 @@ from sdnet import backend
 
 GATE_STREAM, AUGMENT_STREAM = 0, 1
 
-# preprocess(images, key) -> float images: the data source's preprocessing on the device
+# preprocess(batch, key) -> float images: the data source's preprocessing on the device
 # (`experiments.data.Source.preprocess`); key is None at evaluation.
-Preprocess = Callable[[jax.Array, jax.Array | None], jax.Array]
+Preprocess = Callable[[dict, jax.Array | None], jax.Array]
 
 
 @flax.struct.dataclass
@@ -124,7 +124,7 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   augment_key = jax.random.fold_in(
       jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
-  images = preprocess(batch["images"], augment_key)
+  images = preprocess(batch, augment_key)
 
   def loss_fn(params):
     logits, new_state = model.apply(
@@ -164,7 +164,7 @@ def eval_step(state: TrainState, batch: dict, *, model, preprocess: Preprocess,
               top5: bool = False, axis_name: str | None = AXIS):
   """Summed loss, correct predictions (top-1, and top-5 if asked) and count of one padded
   evaluation batch."""
-  images = preprocess(batch["images"], None)
+  images = preprocess(batch, None)
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
                        train=False)
   mask, labels = batch["mask"], batch["labels"]

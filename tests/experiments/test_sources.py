@@ -46,9 +46,9 @@ class Stripes(data.Source):
     return {"name": self.name, "examples": self.num_train,
             "generator": hashlib.sha256(self._examples(np.arange(64))[0]).hexdigest()}
 
-  def preprocess(self, images, key):
+  def preprocess(self, batch, key):
     del key  # no augmentation
-    return images.astype(jnp.float32) / 100.0 - 1.0
+    return batch["images"].astype(jnp.float32) / 100.0 - 1.0
 
 
 @data.register("stripes")
