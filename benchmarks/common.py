@@ -22,7 +22,8 @@ def cases(specs, small=False):
   return [tuple(int(v) for v in spec.split(":")) for spec in specs]
 
 
-def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib):
+def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib,
+        family="cifar"):
   """One result row from a variant's per-repetition step times (seconds)."""
   timed = {"median_ms": None, "min_ms": None, "max_ms": None, "ratio_to_constant": None,
            "images_per_s": None}
@@ -33,21 +34,26 @@ def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, m
              "ratio_to_constant": median / 1e3 / float(constant_median_s),
              "images_per_s": batch / (median / 1e3)}
   return {"depth": depth, "batch": batch, "variant": variant, **timed,
-          "compile_s": compile_s, "memory_gib": memory_gib}
+          "compile_s": compile_s, "memory_gib": memory_gib, "family": family}
+
+
+def network(r) -> str:
+  """"ResNet-110" (CIFAR) or "ImageNet-152" of a row."""
+  return f"{'ImageNet' if r.get('family') == 'imagenet' else 'ResNet'}-{r['depth']}"
 
 
 def format_table(rows, setting_width=0):
   """The rows as an aligned text table (with a "setting" column when rows carry one)."""
   setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
-           f"{'network':>11} {'batch':>5} {'variant':>10} {'median ms':>9} {'spread ms':>13} "
+           f"{'network':>12} {'batch':>5} {'variant':>10} {'median ms':>9} {'spread ms':>13} "
            f"{'ratio':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
   def number(value, spec, width):
     return f"{'-' if value is None else format(value, spec):>{width}}"
   for r in rows:
     spread = ("-" if r["min_ms"] is None else f"{r['min_ms']:6.2f}-{r['max_ms']:6.2f}")
     lines.append(
-        f"{setting(r)}{'ResNet-%d' % r['depth']:>11} {r['batch']:>5} {r['variant']:>10} "
+        f"{setting(r)}{network(r):>12} {r['batch']:>5} {r['variant']:>10} "
         f"{number(r['median_ms'], '.2f', 9)} {spread:>13} "
         f"{number(r['ratio_to_constant'], '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
         f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}")

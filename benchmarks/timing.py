@@ -40,27 +40,63 @@ class ForcedGates:
     return self.model.apply(variables, x, train=True, gates=gates, **kwargs)
 
 
-def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
-                 remat=False, forced_gates=None, compile_only=False):
-  """A compiled step function and its donated state, as the experiments build them
-  (`forced_gates`: True/False forces every gate open/closed, see ForcedGates)."""
-  config = default.get_config()
+def step_config(family: str, depth: int, batch: int, p_last: float, skip: str, *,
+                dtype: str = "float32", remat: bool = False):
+  """The config of the family's paper run (CIFAR's default, ImageNet's resnet152),
+  with the network and step settings given."""
+  if family == "imagenet":
+    from experiments.configs import imagenet  # pylint: disable=g-import-not-at-top
+    config = imagenet.get_config("resnet152")
+  else:
+    config = default.get_config()
   config.model.depth, config.batch_size = depth, batch
   config.survival.p_last, config.skip = p_last, skip
   config.dtype, config.remat = dtype, remat
+  return config
+
+
+def step_inputs(family: str, image_size: int, shape: tuple[int, ...], rng=None) -> tuple:
+  """(preprocess, num_classes, batch) of a benchmarked step as the family's data source
+  feeds it: uint8 images and the device preprocessing (CIFAR: normalise, shift and flip;
+  ImageNet: its host-drawn augmentation parameters, jitter, lighting, normalise). The
+  batch is abstract (`jax.ShapeDtypeStruct`s) without `rng`, random arrays with it."""
+  from experiments.data import imagenet_preprocessing as fb  # pylint: disable=g-import-not-at-top
+  if family == "imagenet":
+    preprocess, classes, side = on_device.JitterLightingNormalise(), 1000, image_size
+  else:
+    preprocess = on_device.NormaliseAndShift(np.full((32, 32, 3), 120.0, np.float32),
+                                             64.0, augment=True)
+    classes, side = 10, 32
+  spec = {"images": jax.ShapeDtypeStruct(shape + (side, side, 3), jnp.uint8),
+          "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
+  if family == "imagenet":
+    spec["augment"] = jax.ShapeDtypeStruct(shape + (fb.AUGMENT_SIZE,), jnp.float32)
+  if rng is None:
+    return preprocess, classes, spec
+  batch = {"images": rng.integers(0, 256, spec["images"].shape, dtype=np.uint8),
+           "labels": rng.integers(0, classes, shape, dtype=np.int32)}
+  if family == "imagenet":
+    batch["augment"] = np.stack([fb.augment_parameters(rng) for _ in range(
+        int(np.prod(shape)))]).reshape(spec["augment"].shape)
+  return preprocess, classes, batch
+
+
+def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
+                 remat=False, forced_gates=None, compile_only=False, family="cifar",
+                 image_size=224):
+  """A compiled step function and its donated state, as the experiments build them
+  (`forced_gates`: True/False forces every gate open/closed, see ForcedGates)."""
+  config = step_config(family, depth, batch, p_last, skip, dtype=dtype, remat=remat)
   devices = jax.local_device_count()
-  model = recipe.build_model(config, 10)
+  shape = (devices, steps_per_call, batch // devices)
+  preprocess, classes, spec = step_inputs(family, image_size, shape)
+  model = recipe.build_model(config, classes)
   if forced_gates is not None:
     model = ForcedGates(model, forced_gates)
   tx = recipe.make_optimizer(config, recipe.learning_rate_schedule(config, 390))
   make_state = lambda: jax_utils.replicate(jax.device_get(
-      steps.create_train_state(model, tx, (32, 32, 3), 0)))
-  preprocess = on_device.NormaliseAndShift(np.full((32, 32, 3), 120.0, np.float32), 64.0,
-                                           augment=True)
+      steps.create_train_state(model, tx, spec["images"].shape[-3:], 0)))
   pmapped = steps.make_train_step(model, tx, seed=0, preprocess=preprocess)
-  shape = (devices, steps_per_call, batch // devices)
-  spec = {"images": jax.ShapeDtypeStruct(shape + (32, 32, 3), jnp.uint8),
-          "labels": jax.ShapeDtypeStruct(shape, jnp.int32)}
   metrics = jax.eval_shape(lambda: jax_utils.replicate(steps.empty_metrics()))
   state = jax.eval_shape(make_state)
   step, compile_s = steps.compile_ahead(pmapped, state, spec, metrics)
@@ -68,10 +104,8 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
              "memory_gib": program_memory_gib(step)}
   if compile_only:
     return variant
-  rng = np.random.default_rng(0)
-  variant["data"] = jax.tree.map(jax.device_put, {
-      "images": rng.integers(0, 256, spec["images"].shape, dtype=np.uint8),
-      "labels": rng.integers(0, 10, spec["labels"].shape, dtype=np.int32)})
+  variant["data"] = jax.tree.map(jax.device_put, step_inputs(
+      family, image_size, shape, np.random.default_rng(0))[2])
   variant["state"] = make_state()
   variant["metrics"] = jax_utils.replicate(steps.empty_metrics())
   run_variant(variant, 1, 1)  # warm-up
@@ -104,15 +138,16 @@ def run_variant(variant, calls, steps_per_call):
 
 def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
             forced_gates=True, repeats=7, calls=5, steps_per_call=1, dtype="float32",
-            remat=False, compile_only=False):
+            remat=False, compile_only=False, family="cifar", image_size=224):
   """The rows of every variant of every (depth, batch) in `cases` (module doc): "constant"
   (p_L = 1), "SD <skip>" for each of `skips`, and with `forced_gates` "SD open" and
-  "SD closed" (skip "auto", every gate forced, `ForcedGates`)."""
+  "SD closed" (skip "auto", every gate forced, `ForcedGates`); ImageNet's networks at
+  `image_size` with `family="imagenet"`."""
   rows = []
   for depth, batch in cases:
     make = lambda p, skip, **kw: make_variant(
         depth, batch, p, skip, steps_per_call, dtype=dtype, remat=remat,
-        compile_only=compile_only, **kw)
+        compile_only=compile_only, family=family, image_size=image_size, **kw)
     variants = {"constant": make(1.0, "auto")}
     for skip in skips:
       variants[f"SD {skip}"] = make(p_last, skip)
@@ -125,7 +160,7 @@ def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
     base = np.median(variants["constant"]["times"] or [np.nan])
     for name, variant in variants.items():
       rows.append(common.row(depth, batch, name, variant["times"], base,
-                             variant["compile_s"], variant["memory_gib"]))
+                             variant["compile_s"], variant["memory_gib"], family))
   return rows
 
 

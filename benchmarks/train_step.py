@@ -3,6 +3,7 @@ r"""Times the real training step: constant depth vs stochastic depth, per skip m
   python -m benchmarks.train_step --out=bench.json              # ResNet-110/1202 table
   python -m benchmarks.train_step --cases=20:128,56:128,110:128 # the README's CPU table
   python -m benchmarks.train_step --small                       # a check of the script
+  python -m benchmarks.train_step --family=imagenet --cases=50:8,152:8  # ImageNet, 224 px
   python -m benchmarks.suite --out_dir=bench                    # every setting (GPU)
 
 Each row is the experiments' own compiled step, built by the one builder the training
@@ -47,6 +48,9 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass.")
 flags.DEFINE_bool("compile_only", False, "Only compile: compile time and memory, no timing "
                   "(meaningful on CPU too, as proportions).")
+flags.DEFINE_enum("family", "cifar", ["cifar", "imagenet"], "The networks of --cases: "
+                  "CIFAR's (6n+2, 32 px) or ImageNet's bottleneck ResNets (50/101/152).")
+flags.DEFINE_integer("image_size", 224, "ImageNet: the crop size the step trains on.")
 
 
 def main(argv):
@@ -59,7 +63,7 @@ def main(argv):
       common.cases(FLAGS.cases, FLAGS.small), skips=FLAGS.skips, p_last=FLAGS.p_last,
       forced_gates=FLAGS.forced_gates, repeats=FLAGS.repeats, calls=FLAGS.calls,
       steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype, remat=FLAGS.remat,
-      compile_only=FLAGS.compile_only)
+      compile_only=FLAGS.compile_only, family=FLAGS.family, image_size=FLAGS.image_size)
   print(common.format_table(rows))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

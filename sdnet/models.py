@@ -401,9 +401,15 @@ def CifarResNet(depth: int, num_classes: int = 10, **kwargs) -> ResNet:
                 projection=False, **kwargs)
 
 
+# Bottleneck blocks per stage of the ImageNet ResNets (He et al., 2016): 50, 101, 152, and
+# the small 14 and 26 of the same design, for tests and quick runs.
+IMAGENET_STAGES = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3),
+                   101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
 def ImageNetResNet(depth: int, num_classes: int = 1000, **kwargs) -> ResNet:
-  """The bottleneck ImageNet ResNet (50, 101 or 152) with projection shortcuts."""
-  stages = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+  """The bottleneck ImageNet ResNet (50, 101 or 152; 14 or 26) with projection shortcuts."""
+  stages = IMAGENET_STAGES
   if depth not in stages:
     raise ValueError(f"ImageNet ResNet depth must be one of {sorted(stages)}, got {depth!r}.")
   kwargs.setdefault("conv_bias", False)

@@ -13,19 +13,22 @@ import ml_collections
 # grouped into calls, how dropped blocks are skipped: the same math).
 RESTART_MAY_CHANGE = frozenset({
     "data_dir", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-    "steps_per_call", "halt_after_steps", "skip", "remat",
+    "steps_per_call", "halt_after_steps", "skip", "remat", "input_workers",
 })
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.dataset = "cifar10"  # cifar10 | cifar100 | svhn_cropped | folder | synthetic
+  config.dataset = "cifar10"  # a registered source: experiments.data.registered()
   config.data_dir = ""  # TFDS data_dir, or ROOT of a folder dataset
   config.validation_size = 5000  # CIFAR / folder hold-out (SVHN uses 400 + 200 per class)
   config.augment = ml_collections.FieldReference(None, field_type=bool)  # None: the paper's
+  config.image_size = 224  # ImageNet: the side of the training and evaluation crops
+  config.eval_resize = 256  # ImageNet evaluation: shorter side resized to this, centre crop
+  config.input_workers = -1  # ImageNet: decoding processes (0: threads; -1: automatic)
 
   config.model = ml_collections.ConfigDict()
-  config.model.family = "cifar"  # cifar (6n+2) | imagenet (50/101/152)
+  config.model.family = "cifar"  # cifar (6n+2) | imagenet (50/101/152; 14/26 small)
   config.model.depth = 110
 
   config.survival = ml_collections.ConfigDict()

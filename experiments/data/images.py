@@ -32,22 +32,30 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     raise UnreadableImage(f"not an image ({e})") from None
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-  """uint8 [H, W, 3] of an opened image (module docstring)."""
+def as_rgb(image: Image.Image) -> Image.Image:
+  """The opened `image` as an 8-bit RGB image (module docstring); itself if it is one."""
   try:
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
       values = np.asarray(image, np.int64)
       if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
         raise UnreadableImage(f"{image.mode} pixel values outside 0..65535")
       eight = ((values * 255 + 32767) // 65535).astype(np.uint8)
-      return np.repeat(eight[..., None], 3, axis=-1)
+      return Image.fromarray(np.repeat(eight[..., None], 3, axis=-1))
     if image.mode == "F":
       raise UnreadableImage("floating-point pixels: convert it to 8 or 16 bits first")
-    return np.asarray(image.convert("RGB"), np.uint8)
+    if image.mode == "RGB":
+      image.load()
+      return image
+    return image.convert("RGB")
   except UnreadableImage:
     raise
   except Exception as e:  # pylint: disable=broad-except  (truncated, corrupt data)
     raise UnreadableImage(f"cannot decode it ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+  """uint8 [H, W, 3] of an opened image (module docstring)."""
+  return np.asarray(as_rgb(image), np.uint8)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

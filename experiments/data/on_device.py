@@ -50,32 +50,21 @@ def grayscale(images: jax.Array) -> jax.Array:
   return images @ jnp.asarray([0.299, 0.587, 0.114], images.dtype)
 
 
-def color_jitter(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """fb.resnet.torch's ColorJitter of images [B, H, W, 3] in [0, 1], per example:
+def color_jitter(images: jax.Array, factors: jax.Array) -> jax.Array:
+  """fb.resnet.torch's ColorJitter of images [B, H, W, 3] in [0, 1], per example with
+  `factors` [B, 3] = (a_b, a_c, a_s):
 
     brightness  x <- a_b x
     contrast    x <- a_c x + (1 - a_c) mean(gray(x))
     saturation  x <- a_s x + (1 - a_s) gray(x)
 
-  applied in the order `order` (an index into ORDERS, float) with `factors` [B, 3] =
-  (a_b, a_c, a_s)."""
-  factors = factors[:, :, None, None, None]
-
-  def transform(which, x):
-    gray = grayscale(x)[..., None]
-    target = jnp.stack([jnp.zeros_like(x),
-                        jnp.broadcast_to(jnp.mean(gray, axis=(1, 2, 3), keepdims=True),
-                                         x.shape),
-                        jnp.broadcast_to(gray, x.shape)])
-    a = factors[:, which]
-    return a * x + (1.0 - a) * target[which]
-
-  orders = jnp.asarray(host.ORDERS)[order.astype(jnp.int32)]  # [B, 3]
-  for position in range(3):
-    which = orders[:, position]
-    out = jnp.stack([transform(t, images) for t in range(3)])  # [3, B, H, W, 3]
-    images = jnp.take_along_axis(out, which[None, :, None, None, None], axis=0)[0]
-  return images
+  fb.resnet.torch applies them in random order; as they are linear, unclamped and gray()
+  of a gray image is itself, they commute, and this applies them in the order above."""
+  a = factors[:, None, None, :]
+  images = a[..., 0:1] * images
+  mean = jnp.mean(grayscale(images), axis=(1, 2), keepdims=True)[..., None]
+  images = a[..., 1:2] * images + (1.0 - a[..., 1:2]) * mean
+  return a[..., 2:3] * images + (1.0 - a[..., 2:3]) * grayscale(images)[..., None]
 
 
 def lighting(images: jax.Array, alphas: jax.Array) -> jax.Array:
@@ -98,8 +87,8 @@ class JitterLightingNormalise:
     images = batch["images"].astype(jnp.float32) / 255.0
     if "augment" in batch:
       augment = batch["augment"]
-      images = color_jitter(images, augment[:, 1:4], augment[:, 4])
-      images = lighting(images, augment[:, 5:8])
+      images = color_jitter(images, augment[:, 1:4])
+      images = lighting(images, augment[:, 4:7])
     return (images - jnp.asarray(host.MEAN)) / jnp.asarray(host.STD)
 
 

@@ -216,29 +216,37 @@ def lr_change_epochs(run: Run) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class ErrorSummary:
-  """The Table 1 numbers of a run (fractions): at the best validation error, and final."""
+  """The Table 1 numbers of a run (fractions): at the best validation error, and final;
+  the top-5 validation errors there where the run measured them (ImageNet)."""
   split: str  # "test" or "validation"
   at_best_validation: float | None
   final: float | None
+  top5_at_best_validation: float | None = None
+  top5_final: float | None = None
 
 
 def error_summary(run: Run) -> ErrorSummary:
   """Table 1 numbers from results.json, or from metrics.jsonl where it lacks them."""
   split = "test" if run.has_test_split else "validation"
-  at_best = run.results.error_at_best_validation(split) if run.results else None
+  results = run.results
+  at_best = results.error_at_best_validation(split) if results else None
+  top5 = results.best_validation_top5_error if results else None
   if at_best is None:
-    at_best = _error_at_best_validation(run.records, split)
-  final = run.results.final_error(split) if run.finished else None
-  return ErrorSummary(split, at_best, final)
+    at_best = _at_best_validation(run.records, results_lib.error_name(split))
+    top5 = _at_best_validation(run.records, results_lib.error_name("validation", top=5))
+  if not run.finished:
+    return ErrorSummary(split, at_best, None, top5)
+  return ErrorSummary(split, at_best, results.final_error(split), top5,
+                      results.final_validation_top5_error)
 
 
-def _error_at_best_validation(records: Sequence[dict], split: str) -> float | None:
-  """`split` error at the first evaluation with the lowest validation error."""
+def _at_best_validation(records: Sequence[dict], name: str) -> float | None:
+  """The metric `name` at the first evaluation with the lowest validation error."""
   best, validation = None, results_lib.error_name("validation")
   for record in records:
     if validation in record and (best is None or record[validation] < best[validation]):
       best = record
-  return None if best is None else best.get(results_lib.error_name(split))
+  return None if best is None else best.get(name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,9 @@ def table1_rows(runs: Sequence[runs_lib.Run]) -> list[Table1Row]:
     reference = paper.match(run.config, run.results.dataset if run.results else "")
     notes = list(reference.notes)
     if summary.split == "validation":
-      notes.insert(0, "no test split: validation error")
+      notes.insert(0, "validation error: the paper's ImageNet figures are validation "
+                   "errors too" if run.setting("model.family") == "imagenet" else
+                   "no test split: validation error")
     if not run.finished:
       notes.insert(0, run.status())
     rows.append(Table1Row(run, summary, paper.error(reference.setting, run.p_last, run.rule),
@@ -99,10 +101,11 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _error_cell(value: float | None, split: str) -> str:
+def _error_cell(value: float | None, split: str, top5: float | None = None) -> str:
   if value is None:
     return "-"
-  return percent(value) + (" (validation)" if split == "validation" else "")
+  return (percent(value) + (" (validation)" if split == "validation" else "")
+          + ("" if top5 is None else f", top-5 {percent(top5)}"))
 
 
 def _duration(seconds: float | None) -> str:
@@ -119,8 +122,10 @@ def table1_markdown(rows: Sequence[Table1Row]) -> str:
   return markdown_table(header, [
       (row.run.name, row.run.dataset, row.run.depth,
        f"{row.run.p_last:g} ({row.run.rule})", f"{row.run.epochs:g}",
-       _error_cell(row.errors.at_best_validation, row.errors.split),
-       _error_cell(row.errors.final, row.errors.split) if row.run.finished
+       _error_cell(row.errors.at_best_validation, row.errors.split,
+                   row.errors.top5_at_best_validation),
+       _error_cell(row.errors.final, row.errors.split, row.errors.top5_final)
+       if row.run.finished
        else f"- ({'diverged' if row.run.diverged else 'unfinished'})",
        "-" if row.paper_error is None else f"{row.paper_error:.2f}%",
        "; ".join(row.notes)) for row in rows])

@@ -171,8 +171,8 @@ def eval_step(state: TrainState, batch: dict, *, model, preprocess: Preprocess,
   sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
           "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
           "count": jnp.sum(mask)}
-  if top5:
-    best5 = jax.lax.top_k(logits, 5)[1]
+  if top5:  # (of at most 5 classes, every label is among the top 5)
+    best5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     sums["correct_top5"] = jnp.sum(jnp.any(best5 == labels[:, None], -1) * mask)
   return jax.lax.psum(sums, axis_name) if axis_name else sums
 

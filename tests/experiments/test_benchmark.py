@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import common
@@ -138,3 +139,30 @@ def test_the_kernel_benchmark_sums_each_convolution_count_times_over_a_step(monk
   # the stem has no input gradient: 19 forward, 18 input and 19 kernel gradients
   assert abs(step["median_ms"] - (19 * 1 + 18 * 2 + 19 * 4)) < 1e-9
   assert len(rows) == 1 + sum(len(c.kernels) for c in conv_kernels.inventory(20))
+
+
+def test_the_imagenet_step_builds_with_its_augmentation_parameters():
+  """ImageNet cases compile the experiments' step on 224 px (here 32) crops with the
+  host's augmentation parameters in the batch, as the streaming source feeds it."""
+  rows = timing.measure(common.cases(["14:4"]), compile_only=True, skips=[],
+                        forced_gates=False, family="imagenet", image_size=32)
+  assert [(r["variant"], r["family"]) for r in rows] == [("constant", "imagenet")]
+  assert "ImageNet-14" in common.format_table(rows)
+  _, classes, batch = timing.step_inputs("imagenet", 32, (4, 1, 2),
+                                         np.random.default_rng(0))
+  assert classes == 1000 and batch["augment"].shape == (4, 1, 2, 7)
+
+
+@pytest.mark.e2e
+def test_the_imagenet_input_benchmark_times_every_pipeline_it_has(tmp_path):
+  out = tmp_path / "pipelines.json"
+  done = subprocess.run([sys.executable, "-m", "benchmarks.input_pipeline", "--imagenet",
+                         "--cores=1", "--batch=8", "--batches=2", "--repeats=1",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["pipeline"], r["split"]) for r in rows} >= {
+      ("ours, processes", "train"), ("ours, threads", "train"), ("ours, threads", "eval"),
+      ("tf.data (flax)", "train"), ("tf.data (flax)", "eval")}
+  assert all(r["images_per_s"] > 0 and r["cores"] == 1 for r in rows)

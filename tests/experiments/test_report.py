@@ -329,3 +329,38 @@ def test_damaged_side_files_are_left_out_and_named(pair, tmp_path):
   assert all(r["step"] != 99 for r in sd.records)
   assert constant.results is None and "results.json is damaged" in constant.problems[0]
   assert len(warnings) == 2 and all(w in report.read_text() for w in warnings)
+
+
+def imagenet_run(root, name, p_last, epochs, top1, top5):
+  """An ImageNet ResNet-152 run's workdir: validation errors only, top-5 beside top-1."""
+  path, results, _ = make_run(root, name, p_last=p_last, epochs=epochs, test=False,
+                              dataset="imagenet2012", depth=152)
+  config = {**results["config"], "model": {"family": "imagenet", "depth": 152}}
+  results.update(config=config, best_validation_error=top1, final_validation_error=top1,
+                 best_validation_top5_error=top5, final_validation_top5_error=top5,
+                 dataset="imagenet2012: " + paper.ILSVRC_2012)
+  (path / "config.json").write_text(json.dumps(config))
+  (path / "results.json").write_text(json.dumps(results))
+  return path
+
+
+def test_imagenet_runs_show_top1_and_top5_beside_the_papers_validation_errors(tmp_path):
+  dirs = [imagenet_run(tmp_path, "sd90", 0.5, 90, 0.2351, 0.0702),
+          imagenet_run(tmp_path, "constant90", 1.0, 90, 0.2312, 0.0688),
+          imagenet_run(tmp_path, "sd120", 0.5, 120, 0.2210, 0.0610)]
+  rows = tables.table1_rows([runs_lib.load_run(d) for d in dirs])
+  assert [row.paper_error for row in rows] == [23.38, 23.06, 21.98]
+  assert rows[0].notes == ("validation error: the paper's ImageNet figures are "
+                           "validation errors too",)
+  markdown = tables.table1_markdown(rows).splitlines()
+  assert markdown[2].split(" | ")[5:8] == [
+      "23.51% (validation), top-5 7.02%", "23.51% (validation), top-5 7.02%", "23.38%"]
+  [pair] = tables.table2_rows([runs_lib.load_run(d) for d in dirs])
+  assert (pair.stochastic.name, pair.constant.name) == ("sd90", "constant90")
+  report, _ = document.write_report(dirs, tmp_path / "out")
+  assert "21.98%" in report.read_text() and "ImageNet: top-1 validation error" in (
+      report.read_text())
+  folder = paper.match({**json.loads((dirs[0] / "config.json").read_text()),
+                        "dataset": "imagenet_folder"}, "imagenet_folder:imagenette: 9469")
+  assert folder.setting.name == "ImageNet (90 epochs)" and "data may differ" in (
+      folder.notes[0])
