@@ -1,6 +1,7 @@
-"""ImageNet runs of the command line on a generated JPEG tree: the README's quick command
-trains end to end with worker processes decoding, a run killed after a checkpoint resumes
-bit-identically, and two processes train what one does."""
+"""ImageNet runs of the command line on a generated JPEG tree (CMYK, greyscale and
+PNG-named-.JPEG files among them): the README's quick commands train end to end with
+worker processes decoding, a run killed after a checkpoint resumes bit-identically, and
+two processes train what one does."""
 import json
 import os
 import pathlib
@@ -19,23 +20,40 @@ from tests.experiments.test_multiprocess import flat
 from tests.experiments.test_multiprocess import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# 4 classes x 8 training images at batch 8: 4 steps an epoch, 2 epochs.
-FLAGS = ("--config=experiments/configs/imagenet.py:quick", "--config.batch_size=8",
-         "--config.eval_batch_size=8", "--config.image_size=32", "--config.eval_resize=36",
-         "--config.log_every_steps=1", "--config.checkpoint_every_steps=2")
-TOTAL_STEPS = 8
+README = (ROOT / "README.md").read_text()
+
+
+def readme_command(program: str) -> list[str]:
+  """The arguments of the README's first `python -m PROGRAM` command (lines joined)."""
+  text = re.sub(r"\s*\\\n\s*", " ", README)
+  return text.split(f"python -m {program} ", 1)[1].split("\n", 1)[0].split()
+
+
+# The README's quick run: its tree (4 classes x 16 training images) at batch 32 is 2 steps
+# an epoch, 2 epochs; a checkpoint at every epoch.
+TREE_ARGS = readme_command("benchmarks.imagenet_like")
+TRAIN_ARGS = [a for a in readme_command("experiments.imagenet")
+              if not a.startswith(("--workdir=", "--config.data_dir="))]
+TOTAL_STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-  return imagenet_like.write_tree(tmp_path_factory.mktemp("imagenet"), classes=4,
-                                  train_per_class=8, val_per_class=2, width=80, height=60,
-                                  special_every=4)
+  root = tmp_path_factory.mktemp("imagenet") / "tree"
+  args = [a if not a.startswith("--root=") else f"--root={root}" for a in TREE_ARGS]
+  subprocess.run([sys.executable, "-m", "benchmarks.imagenet_like", *args], cwd=ROOT,
+                 check=True, capture_output=True, timeout=300)
+  return root
 
 
 def command(tree, workdir, *extra):
-  return [sys.executable, "-m", "experiments.imagenet", *FLAGS, f"--config.data_dir={tree}",
-          f"--workdir={workdir}", *extra]
+  return [sys.executable, "-m", "experiments.imagenet", *TRAIN_ARGS,
+          f"--config.data_dir={tree}", f"--workdir={workdir}", *extra]
+
+
+def test_the_readme_shows_the_quick_commands_these_tests_run():
+  assert TREE_ARGS[0].startswith("--root=") and "--classes=4" in TREE_ARGS
+  assert TRAIN_ARGS == ["--config=experiments/configs/imagenet.py:quick"]
 
 
 def env(devices=1):
@@ -45,7 +63,7 @@ def env(devices=1):
 
 @pytest.fixture(scope="module")
 def straight(tree, tmp_path_factory):
-  """The README's quick command (two decoding worker processes), uninterrupted."""
+  """The README's quick command (decoding in two worker processes), uninterrupted."""
   workdir = tmp_path_factory.mktemp("straight") / "run"
   done = subprocess.run(command(tree, workdir, "--config.input_workers=2"), cwd=ROOT,
                         env=env(), capture_output=True, text=True, timeout=600)
@@ -59,6 +77,7 @@ def test_the_quick_imagenet_config_trains_end_to_end(straight):
   results = json.loads((workdir / "results.json").read_text())
   assert results["finished"] and results["steps"] == TOTAL_STEPS
   assert results["best_validation_top5_error"] == 0.0  # 4 classes
+  assert 0 <= results["best_validation_error"] <= 1 and results["train_images_per_s"] > 0
   assert results["final_test_error"] is None and "no test split" in results["dataset"]
   assert "Traceback" not in log and "leaked" not in log
   assert "input wait" in log
@@ -88,8 +107,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_identically(tree, straight,
   resumed = subprocess.run(command(tree, workdir, "--config.input_workers=0"), cwd=ROOT,
                            env=env(), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  [step] = re.findall(r"resumed from step (\d+)", resumed.stderr)
-  assert int(step) in (2, 4, 6)  # a checkpoint of the killed run, every 2 steps
+  assert "resumed from step 2" in resumed.stderr  # the killed run's checkpoint
   assert checksums(workdir) == checksums(straight[0])  # whatever the worker count
   a, b = (json.loads((d / "results.json").read_text()) for d in (workdir, straight[0]))
   assert a["best_validation_error"] == b["best_validation_error"]
@@ -98,8 +116,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_identically(tree, straight,
 
 @pytest.mark.e2e
 def test_two_processes_train_what_one_process_trains(tree, tmp_path):
-  """After two steps: the same arrays up to the rounding of cross-device sums (as in
-  test_multiprocess), 1 process of 2 devices against 2 processes of 1 each."""
+  """After two steps: the same arrays up to 1e-4 of the largest move, what the rounding
+  of cross-device sums allows (test_multiprocess), 1 process of 2 devices against 2
+  processes of 1 device each, every process decoding its own rows."""
   halt = "--config.halt_after_steps=2"
   one = tmp_path / "one"
   done = subprocess.run(command(tree, one, halt), cwd=ROOT, env=env(2),
@@ -124,7 +143,7 @@ def test_two_processes_train_what_one_process_trains(tree, tmp_path):
 
 
 def initial_variables() -> dict:
-  """The params and batch_stats FLAGS' runs start from (their seed, their model)."""
+  """The params and batch_stats the README's quick run starts from (its seed, its model)."""
   # pylint: disable=import-outside-toplevel
   import jax
   from experiments.configs import imagenet as imagenet_configs
@@ -133,5 +152,5 @@ def initial_variables() -> dict:
   config = imagenet_configs.get_config("quick")
   model = recipe.build_model(config, 4)
   tx = recipe.make_optimizer(config, recipe.learning_rate_schedule(config, 4))
-  state = jax.device_get(steps.create_train_state(model, tx, (32, 32, 3), config.seed))
+  state = jax.device_get(steps.create_train_state(model, tx, (64, 64, 3), config.seed))
   return {"params": state.params, "batch_stats": state.batch_stats}
