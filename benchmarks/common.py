@@ -1,7 +1,11 @@
 """What the benchmarks share: their common flags, one row schema, one text table."""
 
+import json
+
 from absl import flags
 import numpy as np
+
+from experiments.runtime import workdir as workdir_lib
 
 
 def define_flags():
@@ -58,3 +62,8 @@ def format_table(rows, setting_width=0):
         f"{number(r['ratio_to_constant'], '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
         f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}")
   return "\n".join(lines)
+
+
+def write_json(path: str, value) -> None:
+  """`value` as JSON in `path`, written atomically (readers never see half of it)."""
+  workdir_lib.write_text_atomic(path, json.dumps(value, indent=2))

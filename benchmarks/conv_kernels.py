@@ -23,7 +23,6 @@ can come to PyTorch's on the same machine with these kernels.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 from absl import app
@@ -207,9 +206,8 @@ def main(argv):
           f"repetitions of {FLAGS.calls} calls:")
     print(format_table([r for r in rows if r["depth"] == depth and r["batch"] == batch]))
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"jax": jax.__version__, "backend": jax.default_backend(),
-                 "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=2)
+    common.write_json(FLAGS.out, {"jax": jax.__version__, "backend": jax.default_backend(),
+                                  "date": time.strftime("%Y-%m-%d"), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from benchmarks import common
 from benchmarks import timing
 from experiments import data
 
@@ -60,7 +61,6 @@ def main(argv):
 
 def imagenet_main() -> None:
   # pylint: disable=g-import-not-at-top
-  import json
   import tempfile
   from benchmarks import imagenet_like
   from benchmarks import imagenet_pipelines
@@ -74,8 +74,7 @@ def imagenet_main() -> None:
                                     FLAGS.batches, FLAGS.repeats)
   print(imagenet_pipelines.format_table(rows))
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"root": root, "rows": rows}, f, indent=2)
+    common.write_json(FLAGS.out, {"root": root, "rows": rows})
 
 
 if __name__ == "__main__":

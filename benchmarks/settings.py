@@ -73,6 +73,5 @@ def run_all(settings, out_dir: str, small: bool = False, extra=()):
     runs[setting] = {k: v for k, v in run.items() if k != "rows"}
     rows += [{"setting": setting, **row} for row in run["rows"]]
   if rows:
-    with open(os.path.join(out_dir, "suite.json"), "w") as f:
-      json.dump({"runs": runs, "rows": rows}, f, indent=2)
+    common.write_json(os.path.join(out_dir, "suite.json"), {"runs": runs, "rows": rows})
   return rows

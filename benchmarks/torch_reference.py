@@ -14,7 +14,6 @@ allocated while that variant ran. PyTorch is not a dependency of sdnet: install 
 yourself to run this.
 """
 
-import json
 import time
 
 from absl import app
@@ -135,9 +134,9 @@ def main(argv):
     del variants
   print(common.format_table(rows))
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"torch": torch.__version__, "device": name, "backend": device.type,
-                 "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=2)
+    common.write_json(FLAGS.out, {"torch": torch.__version__, "device": name,
+                                  "backend": device.type, "date": time.strftime("%Y-%m-%d"),
+                                  "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ TPU's, whose costs of conditionals and loops differ (the README's tables keep ea
 """
 
 
-import json
 import time
 
 from absl import app
@@ -66,10 +65,10 @@ def main(argv):
       compile_only=FLAGS.compile_only, family=FLAGS.family, image_size=FLAGS.image_size)
   print(common.format_table(rows))
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                 "backend": jax.default_backend(), "date": time.strftime("%Y-%m-%d"),
-                 "rows": rows}, f, indent=2)
+    common.write_json(FLAGS.out, {"jax": jax.__version__,
+                                  "device": jax.devices()[0].device_kind,
+                                  "backend": jax.default_backend(),
+                                  "date": time.strftime("%Y-%m-%d"), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from experiments.report import figures
 from experiments.report import runs as runs_lib
 from experiments.report import tables
 from experiments.runtime import errors
+from experiments.runtime import workdir as workdir_lib
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -31,19 +32,25 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                            "nothing to report.")
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  sections = ["# Stochastic depth: report\n", runs_section(runs), failed_section(failed),
+  failed_codes = dict(failed)
+  shown = {run.name for run in runs}
+  sections = ["# Stochastic depth: report\n", runs_section(runs, failed_codes),
+              failed_section([(n, c) for n, c in failed if n not in shown]),
               curves_section(runs, out), table1_section(runs), table2_section(runs),
               gradients_section(runs, out), survival_section(runs, out),
               *sweep_sections(runs, out)]
   if warnings:
     sections.append("## Left out\n\n" + "".join(f"- {w}\n" for w in warnings))
   report = out / "REPORT.md"
-  report.write_text("\n".join(section for section in sections if section))
+  workdir_lib.write_text_atomic(report, "\n".join(section for section in sections if section))
   return report, warnings
 
 
-def runs_section(runs: Sequence[runs_lib.Run]) -> str:
-  rows = [(run.name, str(run.path), run.label, run.status(),
+def runs_section(runs: Sequence[runs_lib.Run], failed: dict[str, int]) -> str:
+  """One row per run, with one status: what it wrote, and how it ended if it failed."""
+  status = lambda run: run.status() + (f"; failed (exit {failed[run.name]})"
+                                       if run.name in failed else "")
+  rows = [(run.name, str(run.path), run.label, status(run),
            run.results.dataset if run.results and run.results.dataset else run.dataset)
           for run in runs]
   return "## Runs\n\n" + tables.markdown_table(
@@ -53,9 +60,9 @@ def runs_section(runs: Sequence[runs_lib.Run]) -> str:
 def failed_section(failed: Sequence[tuple[str, int]]) -> str:
   if not failed:
     return ""
-  return ("## Failed runs\n\nThese runs of the sweep ended in failure (exit status as "
-          "`experiments.cifar` documents it; their logs say why). Runs above that share "
-          "their name are what they wrote before failing.\n\n" +
+  return ("## Failed runs\n\nThese runs of the sweep failed before they logged anything "
+          "(exit status as `experiments.cifar` documents it; their logs say why); the "
+          "runs that failed later are in the table above, their status saying so.\n\n" +
           tables.markdown_table(["run", "exit status"],
                                 [(name, str(code)) for name, code in failed]))
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from experiments import results as results_lib
 from experiments.report import runs as runs_lib
+from experiments.runtime import workdir as workdir_lib
 from sdnet import options
 
 LR_DROP_GID = "lr_drop"
@@ -159,7 +160,7 @@ def plot_sweep(runs: Sequence[runs_lib.Run]) -> mpl_figure.Figure:
 
 
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:
-  """Writes `fig` as PNG to `path` (local or any epath filesystem)."""
+  """Writes `fig` as PNG to `path` (local or any epath filesystem), atomically."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=110)
-  epath.Path(path).write_bytes(buffer.getvalue())
+  workdir_lib.write_bytes_atomic(epath.Path(path), buffer.getvalue())

@@ -5,11 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 
+from etils import epath
 import jax
 import numpy as np
 
 from experiments.runtime import errors
+from experiments.runtime import workdir as workdir_lib
+
+
+def gather_int64(values) -> np.ndarray:
+  """Every process's `values` (int64 [n]), as [processes, n]. JAX's collectives carry
+  32-bit integers unless x64 is on, so each int64 travels as two int32 halves (a plain
+  int64 gather would truncate: a step or a hash would arrive garbled)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  halves = np.ascontiguousarray(np.asarray(values, np.int64).reshape(-1)).view(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves))
+  return np.ascontiguousarray(gathered.reshape(jax.process_count(), -1)).view(np.int64)
 
 
 def agree_on_start_step(step: int) -> int:
@@ -17,8 +30,7 @@ def agree_on_start_step(step: int) -> int:
   the processes that differ (e.g. a workdir that is not shared by every host)."""
   if jax.process_count() == 1:
     return step
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  steps = np.asarray(multihost_utils.process_allgather(np.int64(step))).reshape(-1)
+  steps = gather_int64([step])[:, 0]
   if np.all(steps == steps[0]):
     return step
   found = ", ".join(f"process {i}: step {int(s)}" for i, s in enumerate(steps))
@@ -27,6 +39,32 @@ def agree_on_start_step(step: int) -> int:
       "must see the same --workdir (a shared filesystem or a gs:// bucket).")
 
 
+def check_shared_workdir(workdir: epath.Path) -> None:
+  """Returns if every process sees `workdir` as process 0 does: process 0 writes a fresh
+  token there, every process reads it back. Else a UserError on every process, naming
+  the processes that do not see it (hosts given different --workdir values, or a local
+  path on hosts that share no filesystem), before anything is read or trained."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token_path = workdir / "processes.token"
+  token = secrets.randbits(62)
+  if jax.process_index() == 0:
+    workdir_lib.write_text_atomic(token_path, f"{token}\n")
+  token = int(gather_int64([token if jax.process_index() == 0 else 0])[0, 0])
+  try:
+    seen = int(token_path.read_text().strip()) == token
+  except (OSError, ValueError):
+    seen = False
+  multihost_utils.sync_global_devices("read the workdir token")
+  blind = [i for i, ok in enumerate(gather_int64([int(seen)])[:, 0]) if not ok]
+  if blind:
+    raise errors.UserError(
+        f"process(es) {', '.join(map(str, blind))} of {jax.process_count()} do not see the "
+        f"workdir process 0 writes to (process {jax.process_index()} was given {workdir}): "
+        "every host must see the same --workdir (the same path on a shared filesystem, "
+        "or a gs:// bucket).")
+
 
 def agree_on(values: dict) -> None:
   """Returns if every process holds the same `values` ({name: JSON-able value}); else a
@@ -34,12 +72,10 @@ def agree_on(values: dict) -> None:
   process 0 (hosts launched with other flags, or other data)."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  hashes = np.asarray([int.from_bytes(hashlib.blake2b(
+  hashes = [int.from_bytes(hashlib.blake2b(
       json.dumps(v, sort_keys=True, default=str).encode(), digest_size=8).digest(),
-      "little", signed=True) for v in values.values()], np.int64)
-  gathered = np.asarray(multihost_utils.process_allgather(hashes)).reshape(
-      jax.process_count(), len(values))
+      "little", signed=True) for v in values.values()]
+  gathered = gather_int64(hashes)
   differ = [(name, [p for p in range(len(gathered)) if gathered[p, j] != gathered[0, j]])
             for j, name in enumerate(values)]
   differ = [(name, processes) for name, processes in differ if processes]

@@ -15,12 +15,15 @@ from collections.abc import Iterator
 import contextlib
 import os
 import signal
+import threading
+import time
 
 from absl import logging
 from etils import epath
 import jax
 from orbax.checkpoint import multihost as ocp_multihost
 
+from experiments.runtime import multihost
 from experiments.runtime import signals
 from experiments.runtime import workdir as workdir_lib
 
@@ -63,12 +66,34 @@ class StopRequest(signals.StopSignals):
 
 @contextlib.contextmanager
 def run_session(workdir: epath.Path) -> Iterator[StopRequest]:
-  """The stop signals caught and (on process 0) the lock of `workdir` held, for a run."""
+  """The stop signals caught and (on process 0) the lock of `workdir` held, for a run;
+  with several processes, each must see the workdir process 0 locked."""
   with StopRequest() as stop_requested:
     lock = workdir_lib.Lock(workdir)
     if jax.process_index() == 0:
       lock.acquire()
     try:
+      multihost.check_shared_workdir(workdir)
       yield stop_requested
     finally:
       lock.release()
+
+
+PARENT_ENV = "SDNET_STOP_WITH_PARENT"  # a sweep's pid, given to the runs it starts
+
+
+def stop_with_parent(poll_s: float = 1.0) -> None:
+  """If this process was started by a sweep (PARENT_ENV names the sweep's pid), a stop
+  request (SIGTERM to itself: checkpoint, exit 75) as soon as the sweep is gone, however
+  it ended (SIGKILL included): a sweep's runs never outlive it."""
+  parent = os.environ.get(PARENT_ENV)
+  if not parent:
+    return
+
+  def watch() -> None:
+    while os.getppid() == int(parent):
+      time.sleep(poll_s)
+    logging.warning("the sweep that started this run (pid %s) is gone: stopping.", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()

@@ -77,6 +77,7 @@ def main(argv) -> None:
                  jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
     checks.check_config(FLAGS.config)  # before the workdir is made
     path = workdir_lib.resolve(FLAGS.workdir)
+    session.stop_with_parent()
     with session.run_session(path) as stop_requested:
       loop.train_and_evaluate(FLAGS.config, path, stop=stop_requested,
                               allow_config_change=FLAGS.allow_config_change)

@@ -33,17 +33,23 @@ def resolve(workdir: str | os.PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(workdir) if is_local(workdir) else os.fspath(workdir))
 
 
-def write_text_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` so that readers see the old or the new file, never half
+def write_bytes_atomic(path: epath.Path | str, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see the old or the new file, never half
   (and a failed write, e.g. on a full disk, leaves no half-written temporary behind)."""
+  path = epath.Path(path)
   tmp = path.parent / (path.name + ".tmp")
   try:
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)
   except BaseException:
     with contextlib.suppress(OSError):
       tmp.unlink(missing_ok=True)
     raise
+
+
+def write_text_atomic(path: epath.Path | str, text: str) -> None:
+  """`write_bytes_atomic` of `text` (UTF-8)."""
+  write_bytes_atomic(path, text.encode("utf-8"))
 
 
 class Lock:
@@ -86,6 +92,23 @@ class Lock:
     except OSError:
       self.release()
       raise
+
+  def holder(self) -> str | None:
+    """Who holds the lock now (pid, host, start time), or None if nobody does (or the
+    workdir is not local, where there is no lock)."""
+    if not is_local(self.path) or not self.path.parent.is_dir():
+      return None
+    fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        return self.path.read_text().strip() or "another process"
+      except (OSError, UnicodeDecodeError):
+        return "another process"
+    finally:
+      os.close(fd)  # (closing it frees a lock it took)
+    return None
 
   def release(self) -> None:
     if self._fd is None:

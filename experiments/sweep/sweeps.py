@@ -12,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from absl import logging
 
 from experiments.runtime import errors
+from experiments.runtime import session
 from experiments.runtime import signals
+from experiments.runtime import workdir as workdir_lib
 from sdnet import options
 
 PREEMPTED = errors.Preempted.exit_code
@@ -81,10 +84,12 @@ class ChildProcess(signals.StopSignals):
       child.send_signal(signal.SIGTERM)
 
   def run(self, command: list[str]) -> int:
-    """`command`'s exit status; it is not started once a stop was requested."""
+    """`command`'s exit status; it is not started once a stop was requested. The child
+    stops (checkpoints, exits 75) as soon as this process is gone, however it ends."""
     if self.requested is not None:
       return PREEMPTED
-    self.child = subprocess.Popen(command, start_new_session=True)
+    self.child = subprocess.Popen(command, start_new_session=True,
+                                  env={**os.environ, session.PARENT_ENV: str(os.getpid())})
     try:
       while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -108,6 +113,7 @@ def run_sweep(sweep: str, config_file: str, root: str, base_p_last: float,
     for name, extra in sweep_configs(sweep, base_p_last):
       workdir = os.path.join(root, name)
       command = train_command(config_file, workdir, overrides + extra)
+      wait_until_free(name, workdir, children)
       logging.info("[%s] %s", name, " ".join(command[1:]))
       code = children.run(command)
       if code == PREEMPTED or children.requested:
@@ -122,6 +128,20 @@ def run_sweep(sweep: str, config_file: str, root: str, base_p_last: float,
           continue  # it never logged: nothing of it to plot
       reported.append(workdir)
   return write_report(root, reported, failed, report)
+
+
+def wait_until_free(name: str, workdir: str, children: ChildProcess,
+                    poll_s: float = 1.0) -> None:
+  """Returns once no live process holds `workdir` (a run an earlier sweep left, which
+  stops when it sees that sweep gone), or a stop was requested."""
+  lock = workdir_lib.Lock(workdir_lib.resolve(workdir))
+  holder = lock.holder()
+  if holder is not None:
+    logging.warning("[%s] %s is in use by %s: waiting for that run to end.", name,
+                    workdir, holder)
+  while holder is not None and children.requested is None:
+    time.sleep(poll_s)
+    holder = lock.holder()
 
 
 def write_report(root: str, reported: list[str], failed: list[tuple[str, int]],

@@ -48,3 +48,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                "halt_after_steps", "steps_per_call"):
     if config[name] < 0:
       raise errors.UserError(f"{name} must be >= 0, got {config[name]}.")
+  if config.image_size < 1 or config.eval_resize < config.image_size:
+    raise errors.UserError(
+        f"image_size must be >= 1 and eval_resize >= image_size (the evaluation crop is "
+        f"cut from the resized image), got {config.image_size} and {config.eval_resize}.")
+  if config.input_workers < -1:
+    raise errors.UserError(f"input_workers must be >= -1 (-1: automatic, 0: threads), "
+                           f"got {config.input_workers}.")

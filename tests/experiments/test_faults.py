@@ -411,15 +411,61 @@ def test_a_signal_while_compiling_or_finishing_ends_defined_and_loses_nothing(tm
   assert_ends_as(tmp_path / "finishing", straight)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["sigint", "sighup"])
+def test_sigint_and_sighup_are_stop_requests_like_sigterm(tmp_path, signum):
+  """Closing the terminal (SIGHUP) or Ctrl-C while compiling: the run trains its first
+  call, saves a checkpoint and exits 75."""
+  status, rest = signal_when(tmp_path / "run", "model: cifar-8", signum)
+  assert status == 75, rest[-3000:]
+  assert f"{signal.Signals(signum).name} received: saving a checkpoint" in rest
+  assert "stopped: stopped by request at step 1;" in rest and "Traceback" not in rest
+  assert latest_meta(tmp_path / "run")[0] == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_second_signal_stops_at_once_even_while_compiling(tmp_path, signum):
+  """Two signals 0.05 s apart while XLA compiles (the main thread in compiled code,
+  where Python runs no handler and two signals coalesce): the second ends the process
+  at once, with 128 + the signal's number and one line."""
+  process = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=CLI_ENV,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    for line in process.stderr:
+      if "model: cifar-8" in line:  # compiling now
+        process.send_signal(signum)
+        time.sleep(0.05)
+        process.send_signal(signum)
+        sent = time.monotonic()
+        break
+    rest = process.stderr.read()
+    status = process.wait(60)
+    took = time.monotonic() - sent
+  finally:
+    process.kill()
+  assert status == 128 + signum, rest[-3000:]
+  assert took < 5, took  # not after the compilation, the first call and a checkpoint
+  assert rest.strip().splitlines()[-1] == (
+      "stopped at once by a second signal: run the same command again to resume from the "
+      "newest checkpoint."), rest[-3000:]
+  assert "Traceback" not in rest
+
+
 def assert_ends_as(workdir, straight):
   """`workdir`'s run ended exactly as the straight one: same results, bit-identical
-  final checkpoint (every array's CRC-32 agrees), every step trained once."""
+  final checkpoint (every array's CRC-32 agrees), every step trained once, and
+  metrics.jsonl record for record the straight run's (but for what measures time)."""
   a, b = (json.loads((d / "results.json").read_text()) for d in (workdir, straight))
   for key in ("finished", "best_validation_error", "best_validation_step",
               "final_test_error"):
     assert a[key] == b[key], key
   assert latest_meta(workdir)[1]["checksums"] == latest_meta(straight)[1]["checksums"]
   assert a["timing"]["train_steps"] == b["timing"]["train_steps"] == 78
+  ours, theirs = (comparable(read_metrics(d)) for d in (workdir, straight))
+  assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+  for mine, straight_record in zip(ours, theirs):
+    assert mine == pytest.approx(straight_record, rel=1e-6, abs=1e-7), mine["step"]
 
 
 # ------------------------------------------------------------ faults of the filesystem
@@ -534,3 +580,106 @@ def test_every_fault_of_the_filesystem_is_one_line_exit_5_and_loses_nothing(
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step 39" in resumed.stderr
   assert_ends_as(workdir, straight)
+
+
+# ------------------------------------------------------ reliability, third round
+
+
+TIMING_METRICS = ("time", "train/seconds", "train/images_per_s", "train/input_wait_fraction")
+
+
+def comparable(records):
+  """metrics.jsonl records without what measures time (the rest must match)."""
+  return [{k: v for k, v in r.items() if k not in TIMING_METRICS and not k.startswith(
+      "timing/")} for r in records]
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_of_a_halted_and_resumed_run_are_the_uninterrupted_runs(tmp_path):
+  """Halted at step 6 with a log every 4 steps: no partial record at 6, and the record
+  at 8 covers steps 5-8, as in a run never stopped (the window is in the checkpoint)."""
+  config = tiny_config(epochs=2, log_every_steps=4)  # 5 steps an epoch
+  loop.train_and_evaluate(config, str(tmp_path / "straight"), source=DATASET)
+  config.halt_after_steps = 6
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"), source=DATASET)
+  assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [4, 5, 5]
+  config.halt_after_steps = 0
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"), source=DATASET)
+  straight, resumed = (read_metrics(tmp_path / d) for d in ("straight", "resumed"))
+  assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [
+      4, 5, 5, 8, 10, 10]
+  for a, b in zip(comparable(resumed), comparable(straight)):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+  window = [r for r in resumed if r["step"] == 8][0]
+  assert window["train/steps"] == 3  # steps 6, 7, 8: across the halt
+
+
+def test_a_finished_run_started_again_needs_no_data(tmp_path):
+  config = tiny_config(epochs=1)
+  done = loop.train_and_evaluate(config, str(tmp_path), source=DATASET)
+  saved = (tmp_path / "results.json").read_text()
+
+  class Gone:  # a source whose data has moved away: any use of it fails
+    def __getattr__(self, name):
+      raise AssertionError(f"the data was used ({name})")
+
+  again = loop.train_and_evaluate(config, str(tmp_path), source=Gone())
+  assert again.state is None and again.results == done.results
+  assert (tmp_path / "results.json").read_text() == saved
+
+
+def test_a_checkpoint_the_new_settings_cannot_load_is_refused_and_kept(tmp_path):
+  """Another depth is another model: refused naming the field, with or without
+  --allow_config_change; the checkpoints stay where they are, nothing is damaged."""
+  loop.train_and_evaluate(tiny_config(epochs=2, halt_after_steps=4), str(tmp_path),
+                          source=DATASET)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  deeper = tiny_config(epochs=2, **{"model.depth": 14})
+  with pytest.raises(errors.UserError, match=r"model.depth: 8 -> 14.*--allow_config_change"):
+    loop.train_and_evaluate(deeper, str(tmp_path), source=DATASET)
+  with pytest.raises(errors.IncompatibleCheckpoint,
+                     match=r"model.depth: 8 -> 14: the checkpoint of step 4 .* cannot be "
+                           r"loaded with the current settings: .* It is kept as it is"):
+    loop.train_and_evaluate(deeper, str(tmp_path), source=DATASET, allow_config_change=True)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not (tmp_path / "damaged").exists()
+  # A class more: the head cannot take it either.
+  wider = dataclasses.replace(DATASET, num_classes=11)
+  with pytest.raises(errors.IncompatibleCheckpoint, match="data.num_classes: 10 -> 11"):
+    loop.train_and_evaluate(tiny_config(epochs=2), str(tmp_path), source=wider,
+                            allow_config_change=True)
+  assert loop.train_and_evaluate(tiny_config(epochs=2), str(tmp_path),
+                                 source=DATASET).results.finished
+
+
+def test_loading_never_changes_drops_or_narrows_data_silently(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  write_image_folder(tmp_path / "deep")
+  nested = tmp_path / "deep" / "train" / "cat" / "more"
+  nested.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nested / "x.png")
+  assert folder_source(tmp_path / "deep", validation_size=4).num_train == 37 - 4
+  write_image_folder(tmp_path / "sixteen")
+  Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(
+      tmp_path / "sixteen" / "train" / "cat" / "0.png")
+  source = folder_source(tmp_path / "sixteen", validation_size=4)
+  images = np.concatenate([source.train.images, source.validation.images])
+  assert (images == round(1000 * 255 / 65535)).all(axis=(1, 2, 3)).sum() == 1  # scaled
+  write_image_folder(tmp_path / "missing")
+  for image in (tmp_path / "missing" / "test" / "emu").iterdir():
+    image.unlink()
+  (tmp_path / "missing" / "test" / "emu").rmdir()
+  with pytest.raises(errors.UserError, match=r"test lacks the class folders \['emu'\]"):
+    folder_source(tmp_path / "missing", validation_size=4)
+  write_image_folder(tmp_path / "one", with_test=False)
+  for name in ("dog", "emu"):
+    for image in (tmp_path / "one" / "train" / name).iterdir():
+      image.unlink()
+    (tmp_path / "one" / "train" / name).rmdir()
+  with pytest.raises(errors.UserError, match="one class folder .* at least two classes"):
+    folder_source(tmp_path / "one", validation_size=4)

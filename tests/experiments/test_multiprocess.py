@@ -418,3 +418,26 @@ def test_a_gs_workdir_stays_a_url_and_every_report_is_written_through_epath(
   events = list((bucket / "tensorboard").glob("events.out.tfevents.*"))
   assert events and all(e.stat().st_size > 0 for e in events)  # TensorBoard, via epath
   assert not list(tmp_path.glob("gs*")) and not (tmp_path / "bucket").exists()
+
+
+@pytest.mark.e2e
+def test_hosts_that_do_not_share_the_workdir_are_refused_before_anything_starts(tmp_path):
+  """Each process given a workdir of its own (as hosts without a shared filesystem see a
+  local path): every process exits 2 naming process 1; nothing is trained or called
+  damaged, and a second start says the same."""
+  port = free_port()
+  for _ in range(2):
+    popens = [subprocess.Popen(
+        command(tmp_path / f"run{i}", port=port, processes=2, process_id=i), cwd=ROOT,
+        env=cli_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    logs = [p.communicate(timeout=FAILURE_BOUND_S)[1] for p in popens]
+    assert [p.returncode for p in popens] == [2, 2], logs
+    for i, log in enumerate(logs):
+      assert log.strip().splitlines()[-1].startswith(
+          "error: process(es) 1 of 2 do not see the workdir process 0 writes to (process "
+          f"{i} was given {tmp_path / f'run{i}'})"), log[-2000:]
+      assert "Traceback" not in log
+    port = free_port()
+  assert not (tmp_path / "run0" / "checkpoints").exists()
+  assert not (tmp_path / "run0" / "damaged").exists()

@@ -140,8 +140,71 @@ def test_the_report_lists_a_failed_config_with_its_exit_status(tmp_path, monkeyp
   assert sweeps.run_sweep("p_last", "quick.py", str(tmp_path), 0.5, []) == 1
   report = (tmp_path / "report" / "REPORT.md").read_text()
   runs_table = report.split("## Failed runs")[0]
-  assert "linear_decay_p0.1" in runs_table and "linear_decay_p0.2" in runs_table
-  assert "linear_decay_p0.3" not in runs_table
+  assert "linear_decay_p0.1" in runs_table and "linear_decay_p0.3" not in runs_table
+  # Each run once, with one status: the one that logged, then failed, says both.
+  [row] = [line for line in runs_table.splitlines() if "| linear_decay_p0.2 |" in line]
+  assert "unfinished (epoch 10.0 of 10); failed (exit 3)" in row
   failed_table = report.split("## Failed runs")[1].split("##")[0]
-  assert "| linear_decay_p0.2 | 3 |" in failed_table
+  assert "linear_decay_p0.2" not in failed_table
   assert "| linear_decay_p0.3 | 2 |" in failed_table
+
+
+@pytest.mark.e2e
+def test_a_killed_sweep_leaves_no_run_behind_and_its_rerun_waits_for_a_live_one(tmp_path):
+  """SIGKILL to the sweep alone: its running config sees it gone, checkpoints and exits
+  within seconds. Started again while another process holds a config's workdir, the
+  sweep waits for it, naming it, instead of counting that config failed; then it resumes
+  the stopped run, runs the rest and reports each run once, with one status."""
+  root = tmp_path / "pair"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  sweep = subprocess.Popen(sweep_command(root, "--config.epochs=3"), cwd=ROOT, env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while not (root / "stochastic" / "metrics.jsonl").exists():  # training under way
+    assert sweep.poll() is None and time.monotonic() < deadline
+    time.sleep(0.2)
+  child = int((root / "stochastic" / "lock").read_text().split()[1])
+  sweep.kill()
+  sweep.wait(30)
+  gone_by = time.monotonic() + 30
+  while process_alive(child):
+    assert time.monotonic() < gone_by, "the sweep's run outlived it"
+    time.sleep(0.2)
+  assert os.listdir(root / "stochastic" / "checkpoints")  # it stopped with a checkpoint
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import time; from experiments.runtime import workdir as w; "
+       f"lock = w.Lock(w.resolve({str(root / 'constant')!r})); lock.acquire(); "
+       "print('held', flush=True); time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE,
+      text=True)
+  assert holder.stdout.readline().strip() == "held"
+  rerun = subprocess.Popen(sweep_command(root, "--config.epochs=3"), cwd=ROOT, env=env,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    log = []
+    for line in rerun.stderr:
+      log.append(line)
+      if f"[constant] {root / 'constant'} is in use by pid {holder.pid} " in line:
+        time.sleep(2)  # it waits...
+        assert rerun.poll() is None
+        holder.kill()  # ... until the holder is gone
+        break
+    log.append(rerun.stderr.read())
+    assert rerun.wait(600) == 0, "".join(log)[-3000:]
+  finally:
+    holder.kill()
+    rerun.kill()
+  log = "".join(log)
+  assert "is in use by" in log and "resumed from step" in log and "failed" not in log
+  report = (root / "report" / "REPORT.md").read_text()
+  assert "## Failed runs" not in report
+  runs_table = report.split("## Runs")[1].split("##")[0]
+  assert runs_table.count("| stochastic |") == 1 and runs_table.count("| constant |") == 1
+
+
+def process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
