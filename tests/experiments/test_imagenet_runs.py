@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from benchmarks import imagenet_like
+from tests.experiments.test_faults import comparable
+from tests.experiments.test_faults import read_metrics
 from tests.experiments.test_multiprocess import final_checkpoint
 from tests.experiments.test_multiprocess import flat
 from tests.experiments.test_multiprocess import free_port
@@ -112,6 +114,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_identically(tree, straight,
   a, b = (json.loads((d / "results.json").read_text()) for d in (workdir, straight[0]))
   assert a["best_validation_error"] == b["best_validation_error"]
   assert a["timing"]["train_steps"] == TOTAL_STEPS
+  ours, theirs = (comparable(read_metrics(d)) for d in (workdir, straight[0]))
+  assert [r["step"] for r in ours] == [r["step"] for r in theirs]  # none lost or doubled
+  for mine, straight_record in zip(ours, theirs):
+    assert mine == pytest.approx(straight_record, rel=1e-6, abs=1e-7), mine["step"]
 
 
 @pytest.mark.e2e
