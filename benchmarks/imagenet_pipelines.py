@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments.data import Shard
 from experiments.data import imagenet
+from experiments.data import imagenet_files
 
 
 def _rate(batches: Iterator, count: Callable[[object], int], warmup: int,
@@ -42,7 +43,7 @@ def ours(root: str, batch: int, cores: int, kind: str, train: bool, warmup: int,
   """images/s of `experiments.data.imagenet` with `cores` worker processes
   (kind="processes") or threads ("threads")."""
   train_dir, _, classes = imagenet.class_folders(root)
-  files = imagenet.list_files(train_dir, classes)  # (evaluated too: more images)
+  files = imagenet_files.list_files(train_dir, classes)  # (evaluated too: more images)
   source = imagenet.StreamingImageNet("bench", files, files, len(classes), tuple(classes),
                                       workers=cores if kind == "processes" else 0,
                                       threads=cores)
@@ -60,7 +61,7 @@ def tf_data(root: str, batch: int, cores: int, train: bool, warmup: int,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   train_dir, _, classes = imagenet.class_folders(root)
-  files = imagenet.list_files(train_dir, classes)
+  files = imagenet_files.list_files(train_dir, classes)
   paths = [files.path(i) for i in range(len(files))]
   labels = files.labels.astype(np.int64)
   mean = tf.constant([0.485 * 255, 0.456 * 255, 0.406 * 255], shape=[1, 1, 3])

@@ -61,15 +61,21 @@ def train_indices(seed: int, num_train: int, global_batch: int, start_step: int,
     step += length
 
 
-def eval_indices(num_examples: int, batch_size: int,
-                 shard: Shard) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(indices, mask), each [devices, per_device], of this process's rows of every padded
-  evaluation batch of a split of `num_examples`."""
+def eval_batch_indices(num_examples: int, batch_size: int, shard: Shard,
+                       b: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, mask), each [devices, per_device], of this process's rows of padded
+  evaluation batch `b` of a split of `num_examples`."""
   first, per_device = shard.rows(batch_size)
   rows = slice(first, first + shard.devices * per_device)
-  for start in range(0, num_examples, batch_size):
-    index = np.arange(start, start + batch_size)
-    mask = (index < num_examples).astype(np.float32)
-    index = np.minimum(index, num_examples - 1)
-    yield (index[rows].reshape(shard.devices, per_device),
-           mask[rows].reshape(shard.devices, per_device))
+  index = np.arange(b * batch_size, (b + 1) * batch_size)
+  mask = (index < num_examples).astype(np.float32)
+  index = np.minimum(index, num_examples - 1)
+  return (index[rows].reshape(shard.devices, per_device),
+          mask[rows].reshape(shard.devices, per_device))
+
+
+def eval_indices(num_examples: int, batch_size: int,
+                 shard: Shard) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`eval_batch_indices` of every evaluation batch of the split, in order."""
+  for b in range(-(-num_examples // batch_size)):
+    yield eval_batch_indices(num_examples, batch_size, shard, b)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 import dataclasses
-import hashlib
 import os
 import pathlib
 
@@ -34,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from experiments.data import batching
+from experiments.data import imagenet_files as examples_lib
 from experiments.data import images as images_lib
 from experiments.data import imagenet_preprocessing as preprocessing
 from experiments.data import on_device
@@ -42,100 +42,7 @@ from experiments.data.source import Source
 from experiments.data.source import register
 from experiments.runtime import errors
 
-SUFFIXES = (".jpeg", ".jpg", ".png")
 AUGMENT_STREAM = 2  # the seed sequence of examples' draws: [seed, 2, step, row]
-_SAMPLED = 64  # files whose contents the identity hashes
-
-
-# --------------------------------------------------------------------------- examples
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Files:
-  """The images of one split of a folder tree and their labels, packed (one bytes
-  object of paths) so that sending them to worker processes is cheap."""
-  root: str
-  paths: bytes  # relative paths, each followed by "\n"
-  offsets: np.ndarray  # int64 [n + 1], where each path starts in `paths`
-  labels: np.ndarray  # int32 [n]
-  sizes: np.ndarray  # int64 [n], bytes of each file
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def path(self, i: int) -> str:
-    start, end = self.offsets[i], self.offsets[i + 1] - 1
-    return os.path.join(self.root, self.paths[start:end].decode())
-
-  def __getitem__(self, i: int) -> tuple[str, int]:
-    return self.path(i), int(self.labels[i])
-
-  def identity(self) -> dict:
-    """The file list, their sizes and labels, and the contents of an even sample of
-    files: other data differs, and nothing but the sample is read."""
-    listing = hashlib.blake2b(self.paths, digest_size=16)
-    listing.update(self.sizes.tobytes())
-    listing.update(self.labels.tobytes())
-    contents = hashlib.blake2b(digest_size=16)
-    for i in np.linspace(0, len(self) - 1, min(_SAMPLED, len(self))).astype(int):
-      with open(self.path(i), "rb") as f:
-        contents.update(f.read())
-    return {"files": len(self), "listing": listing.hexdigest(),
-            "sampled_contents": contents.hexdigest()}
-
-
-def list_files(split_dir: pathlib.Path, classes: Sequence[str]) -> Files:
-  """The images under split_dir/<class>/ (subfolders included) for every class, refusing
-  a class folder without images and empty files."""
-  paths, labels, sizes = [], [], []
-  for label, name in enumerate(classes):
-    found = 0
-    for dirpath, _, filenames in os.walk(split_dir / name, followlinks=True):
-      for filename in sorted(filenames):
-        if os.path.splitext(filename)[1].lower() not in SUFFIXES:
-          continue
-        path = os.path.join(dirpath, filename)
-        size = os.stat(path).st_size
-        if size == 0:
-          raise errors.UserError(f"{path} is empty (0 bytes): restore it or remove it.")
-        paths.append(os.path.relpath(path, split_dir))
-        labels.append(label)
-        sizes.append(size)
-        found += 1
-    if not found:
-      raise errors.UserError(f"class folder {split_dir / name} holds no .JPEG/.jpg/.png "
-                             "images: add images or remove the folder.")
-  order = sorted(range(len(paths)), key=lambda i: (labels[i], paths[i]))
-  joined = "".join(paths[i] + "\n" for i in order).encode()
-  lengths = [len(paths[i].encode()) + 1 for i in order]
-  return Files(os.fspath(split_dir), joined, np.concatenate([[0], np.cumsum(lengths)]),
-               np.asarray([labels[i] for i in order], np.int32),
-               np.asarray([sizes[i] for i in order], np.int64))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Records:
-  """A split of TFDS's imagenet2012 as an ArrayRecord data source (random access, the
-  images still encoded)."""
-  data_source: object
-
-  def __len__(self) -> int:
-    return len(self.data_source)
-
-  def path(self, i: int) -> str:
-    return f"imagenet2012 record {i}"
-
-  def __getitem__(self, i: int) -> tuple[bytes, int]:
-    record = self.data_source[int(i)]
-    return record["image"], int(record["label"])
-
-  def identity(self) -> dict:
-    contents = hashlib.blake2b(digest_size=16)
-    for i in np.linspace(0, len(self) - 1, min(_SAMPLED, len(self))).astype(int):
-      image, label = self[i]
-      contents.update(image if isinstance(image, bytes) else np.asarray(image).tobytes())
-      contents.update(str(label).encode())
-    return {"files": len(self), "sampled_contents": contents.hexdigest()}
 
 
 # ------------------------------------------------------------- what the workers make
@@ -150,7 +57,7 @@ class TrainExample:
   """Example k of this process's stream from `start_step` (row `first_row + k %
   per_process` of global batch `start_step + k // per_process`): its crop, label,
   augmentation parameters, and the index of its file if it could not be decoded (-1)."""
-  examples: Files | Records
+  examples: examples_lib.Files | examples_lib.Records
   seed: int
   global_batch: int
   start_step: int
@@ -178,14 +85,15 @@ class TrainExample:
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
   """This process's rows of padded evaluation batch b: centre crops, labels, mask."""
-  examples: Files | Records
+  examples: examples_lib.Files | examples_lib.Records
   batch_size: int
   shard: Shard
   size: int
   resize: int
 
   def __call__(self, b: int) -> dict:
-    index, mask = _eval_rows(len(self.examples), self.batch_size, self.shard, int(b))
+    index, mask = batching.eval_batch_indices(len(self.examples), self.batch_size,
+                                              self.shard, int(b))
     images, labels, unreadable = [], [], []
     for i in index.reshape(-1):
       source, label = self.examples[int(i)]
@@ -202,17 +110,6 @@ class EvalBatch:
             "unreadable": np.asarray(unreadable, np.int64)}
 
 
-def _eval_rows(num_examples: int, batch_size: int, shard: Shard, b: int):
-  first, per_device = shard.rows(batch_size)
-  start = b * batch_size
-  index = np.arange(start, start + batch_size)
-  mask = (index < num_examples).astype(np.float32)
-  index = np.minimum(index, num_examples - 1)
-  rows = slice(first, first + shard.devices * per_device)
-  return (index[rows].reshape(shard.devices, per_device),
-          mask[rows].reshape(shard.devices, per_device))
-
-
 # --------------------------------------------------------------------- the source
 
 
@@ -220,8 +117,8 @@ def _eval_rows(num_examples: int, batch_size: int, shard: Shard, b: int):
 class StreamingImageNet(Source):
   """ImageNet streamed from `train` and `validation` examples (module docstring)."""
   name: str
-  train: Files | Records
-  validation: Files | Records
+  train: examples_lib.Files | examples_lib.Records
+  validation: examples_lib.Files | examples_lib.Records
   num_classes: int
   class_names: tuple[str, ...] | None
   image_size: int = 224
@@ -287,7 +184,7 @@ class StreamingImageNet(Source):
         self._report(examples, item.pop("unreadable"))
         yield item
 
-  def _report(self, examples: Files | Records, unreadable: np.ndarray) -> None:
+  def _report(self, examples: examples_lib.Files | examples_lib.Records, unreadable: np.ndarray) -> None:
     """Logs each file that could not be decoded, once, with the count so far."""
     for index in sorted(set(int(i) for i in unreadable if i >= 0)):
       if (id(examples), index) not in self._unreadable:
@@ -386,7 +283,7 @@ def imagenet_folder(config: ml_collections.ConfigDict) -> StreamingImageNet:
                            "ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG.")
   train_dir, val_dir, classes = class_folders(config.data_dir)
   name = f"imagenet_folder:{os.path.basename(os.path.normpath(config.data_dir))}"
-  return StreamingImageNet(name, list_files(train_dir, classes), list_files(val_dir, classes),
+  return StreamingImageNet(name, examples_lib.list_files(train_dir, classes), examples_lib.list_files(val_dir, classes),
                            len(classes), tuple(classes), config.image_size,
                            config.eval_resize, **_parallelism(config))
 
@@ -395,6 +292,6 @@ def imagenet_folder(config: ml_collections.ConfigDict) -> StreamingImageNet:
 def imagenet2012(config: ml_collections.ConfigDict) -> StreamingImageNet:
   from experiments.data import imagenet_tfds  # pylint: disable=g-import-not-at-top
   train, validation, class_names = imagenet_tfds.load(config.data_dir or None)
-  return StreamingImageNet("imagenet2012", Records(train), Records(validation),
+  return StreamingImageNet("imagenet2012", examples_lib.Records(train), examples_lib.Records(validation),
                            len(class_names), tuple(class_names), config.image_size,
                            config.eval_resize, **_parallelism(config))
