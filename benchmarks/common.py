@@ -41,25 +41,38 @@ def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, m
           "compile_s": compile_s, "memory_gib": memory_gib, "family": family}
 
 
+def with_ratio_to(rows: list[dict], variant: str) -> list[dict]:
+  """`rows` of one case, each with "ratio_to_open": its median over `variant`'s (the
+  network with every gate open computes what the plain one does, plus conditionals: a
+  plain step slower than it is a slow baseline, which ratios to it would flatter)."""
+  [reference] = [r for r in rows if r["variant"] == variant] or [None]
+  median = reference["median_ms"] if reference else None
+  return [{**r, "ratio_to_open": (r["median_ms"] / median
+                                  if median and r["median_ms"] is not None else None)}
+          for r in rows]
+
+
 def network(r) -> str:
   """"ResNet-110" (CIFAR) or "ImageNet-152" of a row."""
   return f"{'ImageNet' if r.get('family') == 'imagenet' else 'ResNet'}-{r['depth']}"
 
 
 def format_table(rows, setting_width=0):
-  """The rows as an aligned text table (with a "setting" column when rows carry one)."""
+  """The rows as an aligned text table (with a "setting" column when rows carry one):
+  "ratio" to constant depth, "/open" to every gate open."""
   setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
-           f"{'network':>12} {'batch':>5} {'variant':>10} {'median ms':>9} {'spread ms':>13} "
-           f"{'ratio':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
+           f"{'network':>12} {'batch':>5} {'variant':>15} {'median ms':>9} {'spread ms':>13} "
+           f"{'ratio':>6} {'/open':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
   def number(value, spec, width):
     return f"{'-' if value is None else format(value, spec):>{width}}"
   for r in rows:
     spread = ("-" if r["min_ms"] is None else f"{r['min_ms']:6.2f}-{r['max_ms']:6.2f}")
     lines.append(
-        f"{setting(r)}{network(r):>12} {r['batch']:>5} {r['variant']:>10} "
+        f"{setting(r)}{network(r):>12} {r['batch']:>5} {r['variant']:>15} "
         f"{number(r['median_ms'], '.2f', 9)} {spread:>13} "
-        f"{number(r['ratio_to_constant'], '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
+        f"{number(r['ratio_to_constant'], '.3f', 6)} "
+        f"{number(r.get('ratio_to_open'), '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
         f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}")
   return "\n".join(lines)
 

@@ -158,9 +158,10 @@ def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
       for variant in variants.values():
         variant["times"].append(run_variant(variant, calls, steps_per_call))
     base = np.median(variants["constant"]["times"] or [np.nan])
-    for name, variant in variants.items():
-      rows.append(common.row(depth, batch, name, variant["times"], base,
-                             variant["compile_s"], variant["memory_gib"], family))
+    case_rows = [common.row(depth, batch, name, variant["times"], base,
+                            variant["compile_s"], variant["memory_gib"], family)
+                 for name, variant in variants.items()]
+    rows += common.with_ratio_to(case_rows, "SD open")
   return rows
 
 

@@ -1,6 +1,8 @@
 r"""The baseline to beat: the authors' way of skipping, in PyTorch eager.
 
   python -m benchmarks.torch_reference --out=torch.json   # needs PyTorch (on the GPU)
+  python -m benchmarks.torch_reference --beside_jax --cases=56:128,110:128 --repeats=7 \
+      --calls=1   # the library's steps and PyTorch's, interleaved in one process
 
 The CIFAR ResNet of `sdnet.models.CifarResNet` (post-activation basic blocks, biased
 convolutions, 2x2 average-pool + zero-channel shortcuts) written in PyTorch. In training
@@ -27,6 +29,9 @@ from benchmarks import common
 
 FLAGS = flags.FLAGS
 common.define_flags()
+flags.DEFINE_bool("beside_jax", False, "Also time the library's plain, SD and all-open "
+                  "steps in this process, interleaved with PyTorch's (an interpreter with "
+                  "both installed): ratios that drifting clocks cannot bias.")
 
 
 class Block(nn.Module):
@@ -110,33 +115,58 @@ def run_variant(variant, calls, device):
   return elapsed
 
 
+def torch_variants(depth, batch, device) -> dict:
+  """{name: (variant, run)} of PyTorch's full and SD steps."""
+  runs = {}
+  for name, p_last in (("torch full", 1.0), ("torch SD if", FLAGS.p_last)):
+    variant = make_variant(depth, batch, p_last, device)
+    run_variant(variant, 2, device)  # warm-up: cuDNN autotuning, allocator
+    runs[name] = (variant, lambda v=variant: run_variant(v, FLAGS.calls, device))
+  return runs
+
+
+def jax_variants(depth, batch) -> dict:
+  """{name: (variant, run)} of the library's plain, SD and all-open steps
+  (`benchmarks.timing`), for timing beside PyTorch's in this process."""
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  runs = {}
+  for name, p_last, forced in (("jax plain", 1.0, None), ("jax SD", FLAGS.p_last, None),
+                               ("jax open", FLAGS.p_last, True)):
+    variant = timing.make_variant(depth, batch, p_last, "auto", 1, forced_gates=forced)
+    runs[name] = (variant, lambda v=variant: timing.run_variant(v, FLAGS.calls, 1))
+  return runs
+
+
 def main(argv):
   del argv
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.backends.cudnn.benchmark = True
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
   print(f"PyTorch {torch.__version__}, {name}")
+  if FLAGS.beside_jax:
+    import jax  # pylint: disable=g-import-not-at-top
+    print(f"beside JAX {jax.__version__} ({jax.default_backend()}), in this process")
   if device.type == "cpu":
     print("CPU: these figures say nothing about accelerator speed.")
   rows = []
   for depth, batch in common.cases(FLAGS.cases, FLAGS.small):
-    variants = {"torch full": make_variant(depth, batch, 1.0, device),
-                "torch SD if": make_variant(depth, batch, FLAGS.p_last, device)}
-    for variant in variants.values():  # warm-up: cuDNN autotuning, allocator
-      run_variant(variant, 2, device)
-    for _ in range(FLAGS.repeats):
-      for variant in variants.values():
-        variant["times"].append(run_variant(variant, FLAGS.calls, device))
-    base = np.median(variants["torch full"]["times"])
-    for label, variant in variants.items():
-      memory = variant["memory"] if device.type == "cuda" else None
-      rows.append(common.row(depth, batch, label, variant["times"], base, None, memory))
+    variants = torch_variants(depth, batch, device)
+    if FLAGS.beside_jax:
+      variants.update(jax_variants(depth, batch))
+    for _ in range(FLAGS.repeats):  # every variant once per repetition, in turn
+      for variant, run in variants.values():
+        variant["times"].append(run())
+    base = np.median(variants["torch full"][0]["times"])
+    for label, (variant, _) in variants.items():
+      memory = variant.get("memory") if device.type == "cuda" else None
+      rows.append(common.row(depth, batch, label, variant["times"], base,
+                             variant.get("compile_s"), memory))
     del variants
   print(common.format_table(rows))
   if FLAGS.out:
     common.write_json(FLAGS.out, {"torch": torch.__version__, "device": name,
                                   "backend": device.type, "date": time.strftime("%Y-%m-%d"),
-                                  "rows": rows})
+                                  "beside_jax": FLAGS.beside_jax, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -98,8 +98,9 @@ class Results:
       raise ValueError(f"it lacks {', '.join(missing)}")
     known = {f.name for f in dataclasses.fields(cls)}
     fields = {k: v for k, v in value.items() if k in known}  # v1's wall_time_s: a copy
-    fields["timing"] = {"input_wait_s": 0.0, **(value.get("timing") or {})}
     fields["version"] = value.get("version", 1)
+    _check_types(fields)
+    fields["timing"] = {"input_wait_s": 0.0, **(value.get("timing") or {})}
     return cls(**fields)
 
   def error_at_best_validation(self, split: str) -> float | None:
@@ -114,6 +115,40 @@ class Results:
   @property
   def has_test_error(self) -> bool:
     return self.test_error_at_best_validation is not None or self.final_test_error is not None
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field of results.json must hold (None is allowed for the optional ones).
+_KINDS = {"config": dict, "timing": dict, "config_changes": list, "steps": int,
+          "finished": bool, "diverged": bool, "version": int, "survival_probs": list}
+
+
+def _check_types(fields: dict) -> None:
+  """ValueError naming the first field of results.json that holds the wrong kind."""
+  for name, value in fields.items():
+    kind = _KINDS.get(name)
+    if value is None and name not in ("config", "steps", "finished"):
+      continue
+    if kind is int and isinstance(value, bool):
+      ok = False
+    elif kind is not None:
+      ok = isinstance(value, kind)
+    elif name in ("seed", "steps_per_epoch", "best_validation_step", "diverged_at_step",
+                  "num_blocks", "parameters"):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif name == "dataset":
+      ok = isinstance(value, str)
+    else:
+      ok = _is_number(value)
+    if name == "survival_probs" and ok:
+      ok = all(_is_number(p) for p in value)
+    if name == "timing" and ok:
+      ok = all(_is_number(v) for v in value.values())
+    if not ok:
+      raise ValueError(f"its {name} is {value!r}, not what results.json holds there")
 
 
 def results_text(results: Results) -> str:
@@ -181,9 +216,17 @@ def record_line(step: int, metrics: dict[str, float]) -> str:
                      **{k: float(v) for k, v in metrics.items()}})
 
 
+def is_record(value: Any) -> bool:
+  """Whether `value` is a metrics.jsonl record: a JSON object with an integer step and
+  an epoch, every other value a number."""
+  return (isinstance(value, dict) and isinstance(value.get(STEP), int)
+          and not isinstance(value.get(STEP), bool) and EPOCH in value
+          and all(_is_number(v) for k, v in value.items() if k != STEP))
+
+
 def read_records(data: bytes) -> tuple[list[dict], int]:
-  """The records of a metrics.jsonl file and the number of its damaged lines (not JSON
-  objects with a step, e.g. the half-written last line of a run killed mid-write)."""
+  """The records of a metrics.jsonl file and the number of its damaged lines (not
+  records, e.g. the half-written last line of a run killed mid-write)."""
   records, damaged = [], 0
   for line in data.decode("utf-8", errors="replace").splitlines():
     if not line.strip():
@@ -192,7 +235,7 @@ def read_records(data: bytes) -> tuple[list[dict], int]:
       record = json.loads(line)
     except json.JSONDecodeError:
       record = None
-    if isinstance(record, dict) and isinstance(record.get(STEP), int):
+    if is_record(record):
       records.append(record)
     else:
       damaged += 1

@@ -4,7 +4,7 @@
 - `compiler_options`: the XLA options programs with those convolutions compile with.
 - `auto_skip`, `resolve_skip`: how `skip="auto"` (and row mode) drop blocks.
 - `unroll_stages`: whether a stage's scan over its blocks is unrolled.
-- `gated_branch_policy`: what a branch inside a conditional keeps for its backward pass.
+- `branch_policy`: what a residual branch keeps for its backward pass.
 
 The CPU choices are measured (2 cores, one process, variants interleaved); the GPU and
 TPU ones are reasoned, not measured. The measurements behind each choice, and their
@@ -110,20 +110,27 @@ def resolve_skip(skip: str, mode: options.Mode = "batch", *, stage: bool = True)
   return "mask" if mode == "row" else skip
 
 
-def gated_branch_policy(conv_output: str):
-  """The remat policy of a residual branch that sits in a conditional (skip="cond"), or
-  None; `conv_output` is the name its convolutions' outputs carry.
+def branch_policy(conv_output: str, gated: bool):
+  """The remat policy of a residual branch, or None; `gated`: it sits in a conditional
+  (skip="cond"), else it always runs; `conv_output` is the name its convolutions'
+  outputs carry.
 
   The forward `lax.cond` outputs the residuals of the branch that ran, a closed one
   zeros of every residual's shape. Saving only the convolutions' outputs (BatchNorm and
   activations recomputed in the backward pass) leaves two residuals per basic block.
-    CPU  save only `conv_output` (measured: SD ResNet-56 0.83 of the plain step against
-         0.91 without it on jax 0.12, 0.79 against 0.85 on jax 0.10.2).
+    CPU  gated: save only `conv_output` (measured: SD ResNet-56 0.83 of the plain step
+         against 0.91 without it on jax 0.12, 0.79 against 0.85 on jax 0.10.2).
+         plain: None (BRANCH_POLICY_PLAIN).
     GPU, TPU  None (not measured).
   """
   if platform() != "cpu":
     return None
+  if not gated and not _PLAIN_SAVES_CONV_OUTPUTS:
+    return None
   return jax.checkpoint_policies.save_only_these_names(conv_output)
+
+
+_PLAIN_SAVES_CONV_OUTPUTS = False
 
 
 def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:

@@ -47,7 +47,7 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 torch_linear_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-# The name of a branch convolution's output, for remat policies (`backend.gated_branch_policy`).
+# The name of a branch convolution's output, for remat policies (`backend.branch_policy`).
 CONV_OUTPUT = "sdnet.branch_conv_output"
 
 
@@ -137,14 +137,19 @@ class Block(nn.Module):
   scaling: options.Scaling
   mode: options.Mode
   gated_branch_policy: Callable | None = None  # remat policy of a branch in a cond
+  plain_branch_policy: Callable | None = None  # ... and of one that always runs
 
   @nn.compact
   def __call__(self, x, xs):
     branch_cls = self.branch_cls
     in_cond = (not isinstance(xs.get("gate", True), bool)
                and residual_lib.resolve_skip(self.skip, self.mode) == "cond")
-    if in_cond and self.gated_branch_policy is not None:
-      branch_cls = nn.remat(branch_cls, policy=self.gated_branch_policy)
+    masked = (not isinstance(xs.get("gate", True), bool)
+              and residual_lib.resolve_skip(self.skip, self.mode) == "mask")
+    policy = self.gated_branch_policy if in_cond else (
+        None if masked else self.plain_branch_policy)
+    if policy is not None:
+      branch_cls = nn.remat(branch_cls, policy=policy)
     branch = branch_cls(features=self.features, strides=self.strides,
                         conv=self.conv, norm=self.norm, act=self.act, name="branch")
     out_features = self.features * getattr(self.branch_cls, "expansion", 1)
@@ -280,13 +285,14 @@ class ResNet(nn.Module):
 
     # What a branch inside a cond keeps for the backward pass: only where the branch
     # names its convolutions' outputs, and not under remat=True (which recomputes all).
-    branch_policy = None
+    policies = {"gated_branch_policy": None, "plain_branch_policy": None}
     if getattr(self.branch_cls, "names_conv_outputs", False) and not self.remat:
-      branch_policy = backend.gated_branch_policy(CONV_OUTPUT)
+      policies = {f"{kind}_branch_policy": backend.branch_policy(CONV_OUTPUT, kind == "gated")
+                  for kind in ("gated", "plain")}
     # A block that compaction does not cover (a stage's first) skips with a cond.
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
                   skip="cond" if self.stage_skip() == "compact" else self.stage_skip(),
-                  scaling=self.scaling, mode=self.mode, gated_branch_policy=branch_policy)
+                  scaling=self.scaling, mode=self.mode, **policies)
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       strides = 1 if stage == 0 else 2

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.survival.rule = "linear_decay"  # linear_decay | uniform
   config.survival.scaling = "paper"  # paper | inverted | none
   config.skip = "auto"  # auto | cond | mask | compact (sdnet.backend.auto_skip)
-  config.dtype = "float32"  # float32 | bfloat16
+  config.dtype = "float32"  # float32 | bfloat16 | float16
   config.remat = False
 
   config.batch_size = 128  # global, split over all devices

@@ -89,9 +89,18 @@ def load_image_folder(root: str) -> tuple[in_memory.Split, in_memory.Split | Non
 
 
 def image_files(class_dir: pathlib.Path) -> list[pathlib.Path]:
-  """The image files under `class_dir`, its subfolders included, in sorted order."""
-  return sorted(p for p in class_dir.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  """The image files under `class_dir`, its subfolders included, in sorted order (a
+  broken or looping symbolic link named like an image is refused, not left out)."""
+  found = []
+  for path in class_dir.rglob("*"):
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+      continue
+    if path.is_symlink() and not path.exists():
+      raise errors.UserError(f"{path} is a broken or looping symbolic link: restore it "
+                             "or remove it.")
+    if path.is_file():
+      found.append(path)
+  return sorted(found)
 
 
 def read_class_folders(directory: pathlib.Path, classes: Sequence[str]) -> in_memory.Split:

@@ -66,7 +66,11 @@ def list_files(split_dir: pathlib.Path, classes: Sequence[str]) -> Files:
         if os.path.splitext(filename)[1].lower() not in SUFFIXES:
           continue
         path = os.path.join(dirpath, filename)
-        size = os.stat(path).st_size
+        try:
+          size = os.stat(path).st_size
+        except OSError as e:  # a broken or looping symbolic link
+          raise errors.UserError(f"{path} cannot be read ({e.strerror}): restore it or "
+                                 "remove it.") from None
         if size == 0:
           raise errors.UserError(f"{path} is empty (0 bytes): restore it or remove it.")
         paths.append(os.path.relpath(path, split_dir))

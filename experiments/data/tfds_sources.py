@@ -31,9 +31,19 @@ def tfds_split(name: str, split: str, data_dir: str | None) -> in_memory.Split:
         f"loading {name} from TFDS needs tensorflow-datasets and TensorFlow ({e}). "
         "Install them with: pip install tensorflow-datasets tensorflow-cpu") from e
   tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except  (TFDS's own, requests', OSError)
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise errors.UserError(
+          f"{name} is not in {builder.data_dir} and TFDS could not download it ({first}): "
+          "connect to the network, or prepare it where there is one (tfds build "
+          f"{name}) and give that directory as --config.data_dir.") from None
   # Batches of 4096 rather than batch_size=-1, which crashes TensorFlow 2.21 on
   # datasets of unknown cardinality (as TFDS mock data is).
-  dataset = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+  dataset = builder.as_dataset(split=split, as_supervised=True)
   images, labels = [], []
   for image_batch, label_batch in tfds.as_numpy(dataset.batch(4096)):
     images.append(image_batch)

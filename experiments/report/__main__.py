@@ -10,7 +10,7 @@ sweep (Fig. 8, left) when at least 3 runs differ only in p_L or rule. Unfinished
 are reported from metrics.jsonl; a directory without metrics.jsonl is skipped.
 `--failed=NAME=EXIT_STATUS` (repeated; experiments.sweep passes them) lists runs that
 failed.
-Exit status: 0 written, 2 a problem to fix (printed in one line).
+Exit status: 0 written, 2 a problem to fix, 5 DIR cannot be written (one line each).
 """
 
 from __future__ import annotations

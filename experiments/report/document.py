@@ -146,13 +146,20 @@ def report(run_dirs: list[str], out: str, failed: list[str] = ()) -> int:
   prints its path, or one error line.
 
   Returns:
-    The exit status: 0 written, 2 a problem to fix.
+    The exit status: 0 written, 2 a problem to fix, 5 `out` cannot be written.
   """
   try:
     path, warnings = write_report(run_dirs, out, parse_failed(list(failed)))
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    fault = errors.filesystem_error(e)
+    if fault is None:
+      raise
+    print(f"error: cannot write the report into {out}: {fault.strerror or fault}"
+          f"{f' ({fault.filename})' if fault.filename else ''}.", file=sys.stderr)
+    return errors.FILESYSTEM_EXIT_CODE
   for warning in warnings:
     print(f"warning: {warning}", file=sys.stderr)
   print(path)

@@ -135,6 +135,9 @@ def load_run(run_dir: str | os.PathLike) -> Run | None:
     errors.UserError: `run_dir` holds no config.json, so it is no run's workdir.
   """
   path = epath.Path(run_dir)
+  if not path.exists():
+    raise errors.UserError(f"{run_dir} does not exist (give the --workdir of a training "
+                           "run).")
   if not (path / "config.json").exists():
     raise errors.UserError(f"{run_dir} is not a run directory: it has no config.json "
                            "(give the --workdir of a training run).")

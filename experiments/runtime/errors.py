@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 
 FILESYSTEM_EXIT_CODE = 5
 
@@ -20,7 +21,17 @@ _FILESYSTEM_FIXES = {
     errno.EACCES: "make it writable for this user",
     errno.EPERM: "make it writable (and not immutable: chattr -i) for this user",
     errno.ENOENT: "it vanished while the run used it: restore it",
+    errno.EISDIR: "a directory stands where the run writes a file: move it away",
+    errno.ENOTDIR: "a file stands where the run needs a directory: move it away",
+    errno.EEXIST: "something else stands where the run writes: move it away",
+    errno.ELOOP: "a symbolic link loops: remove it",
 }
+# The errno of OSError subclasses raised without one (etils.epath raises some so).
+_ERRNO_OF_TYPE = ((IsADirectoryError, errno.EISDIR), (NotADirectoryError, errno.ENOTDIR),
+                  (FileExistsError, errno.EEXIST), (PermissionError, errno.EACCES),
+                  (FileNotFoundError, errno.ENOENT))
+# OSErrors that are no fault of the filesystem: the network's.
+_NOT_THE_FILESYSTEM = (ConnectionError, TimeoutError, socket.gaierror, socket.herror)
 
 
 def filesystem_error(error: BaseException) -> OSError | None:
@@ -34,8 +45,13 @@ def filesystem_error(error: BaseException) -> OSError | None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
+    if isinstance(error, _NOT_THE_FILESYSTEM):
+      return None
     if isinstance(error, OSError) and error.errno is not None:
       return error
+    for kind, number in _ERRNO_OF_TYPE:
+      if isinstance(error, kind):
+        return OSError(number, str(error) or os.strerror(number), error.filename)
     code = re.search(r"os_error_code='(\d+)'", str(error))
     if code:
       paths = re.findall(r'(?:Failed writing|Failed reading|local file): "([^"]+)"',

@@ -28,7 +28,7 @@ from experiments.runtime import signals
 from experiments.runtime import workdir as workdir_lib
 
 SECOND_SIGNAL = ("stopped at once by a second signal: run the same command again to "
-                 "resume from the newest checkpoint.")
+                 "resume (from the newest checkpoint, if one was saved).")
 
 
 class StopRequest(signals.StopSignals):

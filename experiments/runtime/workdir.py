@@ -30,6 +30,9 @@ def resolve(workdir: str | os.PathLike) -> epath.Path:
   """The workdir as an `epath.Path`: absolute when local, untouched when a URL."""
   if not os.fspath(workdir):
     raise errors.UserError("--workdir is empty: name a directory for the run.")
+  if is_local(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir {workdir} is a file, not a directory: choose "
+                           "another --workdir.")
   return epath.Path(os.path.abspath(workdir) if is_local(workdir) else os.fspath(workdir))
 
 

@@ -8,6 +8,7 @@ Sweeps:
          everything else the same.
   p_last Fig. 8 (left): the linear-decay and the uniform rule for p_L in 0.1, ..., 1.0.
 
+Every config is checked before any runs (a config that cannot work: one line, exit 2).
 Every run is `python -m experiments.cifar` in its own process and workdir (ROOT/NAME),
 with the sweep's --config.* overrides applied to all runs. A finished run is skipped, an
 interrupted one resumes from its checkpoint; a run stopped by SIGTERM/SIGINT stops the
@@ -25,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.runtime import command_line
+from experiments.runtime import errors
 from experiments.sweep import sweeps
 
 FLAGS = flags.FLAGS
@@ -39,6 +41,11 @@ flags.mark_flags_as_required(["config", "sweep", "root"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    sweeps.check_configs(FLAGS.sweep, FLAGS.config, FLAGS.root)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   sys.exit(sweeps.run_sweep(FLAGS.sweep, FLAGS["config"].config_filename, FLAGS.root,
                             FLAGS.config.survival.p_last,
                             sweeps.config_overrides(sys.argv[1:]), FLAGS.report))

@@ -45,6 +45,34 @@ def sweep_configs(sweep: str, base_p_last: float) -> list[tuple[str, list[str]]]
   return grid
 
 
+def check_configs(sweep: str, base_config, root: str) -> None:
+  """Refuses, before any run starts, a sweep whose root is a file or one of whose
+  configs (the base config with the run's --config.* flags) cannot work: a UserError
+  naming the run and the problem."""
+  # pylint: disable=g-import-not-at-top  (the training core's checks pull in jax)
+  from experiments.training import checks
+  from experiments.training import recipe
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise errors.UserError(f"--root {root} is a file, not a directory: choose another "
+                           "--root.")
+  for name, extra in sweep_configs(sweep, base_config.survival.p_last):
+    config = base_config.copy_and_resolve_references()
+    for flag in extra:
+      dotted, value = flag[len("--config."):].split("=", 1)
+      *parents, leaf = dotted.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = type(node[leaf])(value)
+    try:
+      checks.check_config(config)
+      recipe.build_model(config, num_classes=10)
+    except errors.UserError as e:
+      raise errors.UserError(f"the sweep's run {name!r}: {e}") from None
+    except ValueError as e:
+      raise errors.UserError(f"the sweep's run {name!r}: model: {e}") from None
+
+
 def config_overrides(argv: list[str]) -> list[str]:
   """The --config.* flags given to the sweep, passed on to every run."""
   return [a for a in argv if a.startswith("--config.")]

@@ -65,6 +65,10 @@ class Checkpoints:
 
   def __init__(self, workdir: epath.Path, keep: int = 2):
     self.workdir = workdir
+    for name in ("checkpoints", "best"):
+      if (workdir / name).exists() and not (workdir / name).is_dir():
+        raise errors.UserError(f"{workdir / name} is a file where the run keeps its "
+                               "checkpoints: move it away.")
 
     def manager(name: str, max_to_keep: int):
       return ocp.CheckpointManager(

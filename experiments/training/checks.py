@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import ml_collections
@@ -10,6 +11,9 @@ import ml_collections
 from experiments.runtime import errors
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Decoding processes beyond this many a core only fill the memory (each holds its own
+# interpreter, ~200 MB): a user asking more made a typo.
+MAX_WORKERS_PER_CORE = 4
 
 # name: (lowest, highest, whether the lowest is allowed); None: the number of epochs.
 _RANGES = {
@@ -52,6 +56,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
         f"image_size must be >= 1 and eval_resize >= image_size (the evaluation crop is "
         f"cut from the resized image), got {config.image_size} and {config.eval_resize}.")
-  if config.input_workers < -1:
-    raise errors.UserError(f"input_workers must be >= -1 (-1: automatic, 0: threads), "
-                           f"got {config.input_workers}.")
+  most = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+  if not -1 <= config.input_workers <= most:
+    raise errors.UserError(
+        f"input_workers must be in [-1, {most}] ({MAX_WORKERS_PER_CORE} processes a "
+        f"core of this host; -1: automatic, 0: threads), got {config.input_workers}.")

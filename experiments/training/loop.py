@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           continue
         totals = jax.device_get(jax_utils.unreplicate(metrics))  # the one host sync
         watch.end_train(step)
-        progress.stop_if_diverged(step, totals, record)
+        progress.stop_if_diverged(step, totals, record, checkpoints)
         if events.log:
           progress.log(step, totals)
           metrics = replicated_metrics(None)
@@ -176,7 +176,8 @@ class Progress:
                  results_lib.format_duration(remaining))
     self.writer.write_metrics(step, record)
 
-  def stop_if_diverged(self, step: int, totals, record: resume.Record) -> None:
+  def stop_if_diverged(self, step: int, totals, record: resume.Record,
+                       checkpoints: checkpoints_lib.Checkpoints) -> None:
     """Ends the run (`errors.Diverged`, results.json saying so) if any step up to `step`
     was not finite, before anything of it is saved."""
     bad = int(totals["first_nonfinite_step"])
@@ -185,10 +186,12 @@ class Progress:
     self.writer.write_results(results_lib.Results.of_run(
         best=record.best, final={}, config=record.config, steps=step, finished=False,
         timing=self.watch.snapshot(), diverged=True, diverged_at_step=bad))
+    saved = checkpoints.steps()
+    kept = (f"the checkpoint of step {saved[-1]} keeps the last finite state" if saved
+            else "no checkpoint was saved before it")
     raise errors.Diverged(bad, f"training diverged: the loss or a gradient is not finite "
-                          f"at step {bad}. Checkpoints and best/ keep the last finite "
-                          "state; lower the learning rate or check the data, then start "
-                          "again in a new workdir.")
+                          f"at step {bad}; {kept}. Lower the learning rate or check the "
+                          "data, then start again in a new workdir.")
 
 
 # -------------------------------------------------------------------------- results
@@ -221,9 +224,12 @@ def finish(setup: setup_lib.Setup, step: int, state, final: dict[str, dict], *,
       parameters=models.count_params(host_state.params),
       config_changes=record.config_changes)
   writer.write_results(results)
-  logging.info("best validation error %s at step %s; test error there %s",
-               results_lib.percent(best.validation_error), best.step,
-               results_lib.percent(best.test_error))
+  if best.step is None:
+    logging.info("stopped at step %d before any evaluation", step)
+  else:
+    logging.info("best validation error %s at step %s; test error there %s",
+                 results_lib.percent(best.validation_error), best.step,
+                 results_lib.percent(best.test_error))
   return Outcome(results, host_state)
 
 

@@ -57,6 +57,9 @@ class RunWriter:
       if damaged:
         logging.warning("%s: %d damaged line(s) dropped (the rest is kept).", path, damaged)
       self._lines = [json.dumps(r) for r in records if r[results_lib.STEP] <= start_step]
+    # Written now, not at the first checkpoint: a file that cannot be (immutable, a
+    # directory in its place) stops the run before it trains.
+    workdir_lib.write_text_atomic(path, "".join(line + "\n" for line in self._lines))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     if not workdir_lib.is_local(workdir):
       route_tensorboard_urls_through_epath()

@@ -26,6 +26,10 @@ def test_benchmark_small_run_writes_a_row_per_variant(tmp_path):
   assert [r["variant"] for r in rows] == ["constant", "SD auto", "SD cond", "SD mask",
                                           "SD compact", "SD open", "SD closed"]
   assert rows[0]["ratio_to_constant"] == 1.0
+  open_row = rows[5]
+  assert open_row["variant"] == "SD open" and open_row["ratio_to_open"] == 1.0
+  assert rows[0]["ratio_to_open"] == pytest.approx(rows[0]["median_ms"] /
+                                                   open_row["median_ms"])
   for r in rows:
     assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["compile_s"] > 0
     assert r["memory_gib"] > 0

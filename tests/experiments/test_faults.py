@@ -447,8 +447,8 @@ def test_a_second_signal_stops_at_once_even_while_compiling(tmp_path, signum):
   assert status == 128 + signum, rest[-3000:]
   assert took < 5, took  # not after the compilation, the first call and a checkpoint
   assert rest.strip().splitlines()[-1] == (
-      "stopped at once by a second signal: run the same command again to resume from the "
-      "newest checkpoint."), rest[-3000:]
+      "stopped at once by a second signal: run the same command again to resume (from "
+      "the newest checkpoint, if one was saved)."), rest[-3000:]
   assert "Traceback" not in rest
 
 
@@ -683,3 +683,61 @@ def test_loading_never_changes_drops_or_narrows_data_silently(tmp_path):
     (tmp_path / "one" / "train" / name).rmdir()
   with pytest.raises(errors.UserError, match="one class folder .* at least two classes"):
     folder_source(tmp_path / "one", validation_size=4)
+
+
+def test_workdir_entries_of_the_wrong_kind_are_refused_before_training(tmp_path):
+  """Found by injecting faults: a file given as the workdir, a file where the
+  checkpoints go, a directory where metrics.jsonl or config.json go."""
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(errors.UserError, match="--workdir .*file is a file, not a directory"):
+    loop.train_and_evaluate(tiny_config(), str(tmp_path / "file"), source=DATASET)
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "checkpoints").write_text("x")
+  with pytest.raises(errors.UserError, match="checkpoints is a file where the run keeps"):
+    loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"), source=DATASET)
+  for name in ("metrics.jsonl", "config.json"):
+    workdir = tmp_path / name.split(".")[0]
+    (workdir / name).mkdir(parents=True)
+    with pytest.raises(OSError) as raised:
+      loop.train_and_evaluate(tiny_config(), str(workdir), source=DATASET)
+    fault = errors.filesystem_error(raised.value)
+    assert fault is not None and "move it away" in errors.filesystem_message(fault), name
+    assert not any((workdir / "checkpoints").glob("*")), name  # before any training
+
+
+def test_settings_found_by_fault_injection_are_refused_in_one_line(tmp_path):
+  with pytest.raises(errors.UserError, match=r"input_workers must be in \[-1, \d+\]"):
+    loop.train_and_evaluate(tiny_config(input_workers=1000), str(tmp_path), source=DATASET)
+  from experiments.configs import quick  # pylint: disable=import-outside-toplevel
+  from experiments.sweep import sweeps  # pylint: disable=import-outside-toplevel
+  base = quick.get_config()
+  base.survival.p_last = 1.5
+  with pytest.raises(errors.UserError, match="the sweep's run 'stochastic': model: p_last"):
+    sweeps.check_configs("pair", base, str(tmp_path / "sweep"))
+  assert not (tmp_path / "sweep").exists()  # nothing ran
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+  with pytest.raises(errors.Diverged, match="no checkpoint was saved before it"):
+    loop.train_and_evaluate(tiny_config(learning_rate=1e30), str(tmp_path), source=DATASET)
+
+
+def test_a_symbolic_link_named_like_an_image_that_leads_nowhere_is_refused(tmp_path):
+  write_image_folder(tmp_path / "links")
+  loop_link = tmp_path / "links" / "train" / "cat" / "loop.png"
+  os.symlink(loop_link, loop_link)
+  with pytest.raises(errors.UserError, match="loop.png is a broken or looping symbolic"):
+    folder_source(tmp_path / "links", validation_size=4)
+
+
+def test_a_tfds_dataset_that_cannot_be_downloaded_is_one_line(monkeypatch, tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import socket  # pylint: disable=import-outside-toplevel
+  def no_network(*args, **kwargs):
+    raise socket.gaierror(-2, "Name or service not known")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+  with pytest.raises(errors.UserError, match=r"cifar10 is not in .* and TFDS could not "
+                                             r"download it \(.*Name or service not known"):
+    loop.train_and_evaluate(tiny_config(dataset="cifar10", data_dir=str(tmp_path)),
+                            str(tmp_path / "w"))
+  assert errors.filesystem_error(socket.gaierror(-2, "Name or service not known")) is None

@@ -364,3 +364,22 @@ def test_imagenet_runs_show_top1_and_top5_beside_the_papers_validation_errors(tm
                         "dataset": "imagenet_folder"}, "imagenet_folder:imagenette: 9469")
   assert folder.setting.name == "ImageNet (90 epochs)" and "data may differ" in (
       folder.notes[0])
+
+
+def test_side_files_of_the_wrong_kind_are_left_out_and_unwritable_outs_are_one_line(
+    pair, tmp_path, capsys):
+  """Found by injecting faults: fields of results.json of the wrong type, records of
+  metrics.jsonl without an epoch or with non-numbers, an --out that is a file."""
+  (sd_dir, sd_results, _), (constant_dir, _, _) = pair
+  (sd_dir / "results.json").write_text(json.dumps({**sd_results, "survival_probs": "x"}))
+  with open(constant_dir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 10}\n{"step": 11, "epoch": "e", "train/loss": 1}\n')
+  report, warnings = document.write_report([sd_dir, constant_dir], tmp_path / "out")
+  assert any("results.json is damaged (its survival_probs is 'x'" in w for w in warnings)
+  assert any("2 damaged line(s) of metrics.jsonl" in w for w in warnings)
+  (tmp_path / "a_file").write_text("x")
+  assert document.report([str(sd_dir)], str(tmp_path / "a_file")) == 5
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+      f"error: cannot write the report into {tmp_path / 'a_file'}: File exists")
+  assert document.report([str(tmp_path / "nowhere")], str(tmp_path / "o")) == 2
+  assert "nowhere does not exist" in capsys.readouterr().err

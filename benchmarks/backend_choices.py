@@ -1,0 +1,81 @@
+r"""The plain network's step under each candidate choice of `sdnet.backend`, beside the
+network with every gate open, timed interleaved in one process.
+
+  python -m benchmarks.backend_choices --cases=56:128,110:128 --repeats=7 --calls=1
+
+The plain network (p_L = 1: no gate, no conditional) computes what the network with every
+gate open computes, without the conditionals; it must not be slower. Variants:
+  plain             today's choices (`backend.branch_policy`, `backend.unroll_stages`)
+  plain, saved      its branches keep only their convolutions' outputs for the backward
+                    pass (BatchNorm and ReLU recomputed), as a branch in a conditional
+  plain, unrolled   its stages' scans fully unrolled, as a gated stage's
+  plain, both       both
+  open              the stochastic network with every gate forced open (`ForcedGates`)
+Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
+table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from benchmarks import common
+from benchmarks import timing
+from sdnet import backend
+
+FLAGS = flags.FLAGS
+
+
+@contextlib.contextmanager
+def choices(saved: bool, unrolled: bool):
+  """`sdnet.backend`'s plain-branch policy and stage unrolling set as asked while a
+  variant is traced and compiled."""
+  policy, unroll = backend._PLAIN_SAVES_CONV_OUTPUTS, backend.unroll_stages  # pylint: disable=protected-access
+  backend._PLAIN_SAVES_CONV_OUTPUTS = saved  # pylint: disable=protected-access
+  if unrolled:
+    backend.unroll_stages = lambda length, remat, gated=False: unroll(length, remat, True)
+  try:
+    yield
+  finally:
+    backend._PLAIN_SAVES_CONV_OUTPUTS, backend.unroll_stages = policy, unroll  # pylint: disable=protected-access
+
+
+VARIANTS = {"plain": (False, False), "plain, saved": (True, False),
+            "plain, unrolled": (False, True), "plain, both": (True, True)}
+
+
+def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:
+  rows = []
+  for depth, batch in cases:
+    made = {}
+    for name in variants:
+      with choices(*VARIANTS[name]):
+        made[name] = timing.make_variant(depth, batch, 1.0, "auto", 1)
+    made["open"] = timing.make_variant(depth, batch, 0.5, "auto", 1, forced_gates=True)
+    for _ in range(repeats):
+      for variant in made.values():
+        variant["times"].append(timing.run_variant(variant, calls, 1))
+    base = np.median(made["plain"]["times"])
+    case_rows = [common.row(depth, batch, name, v["times"], base, v["compile_s"],
+                            v["memory_gib"]) for name, v in made.items()]
+    rows += common.with_ratio_to(case_rows, "open")
+  return rows
+
+
+def main(argv):
+  del argv
+  print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+  rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls)
+  print(common.format_table(rows))
+  if FLAGS.out:
+    common.write_json(FLAGS.out, {"jax": jax.__version__, "rows": rows})
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(main)
