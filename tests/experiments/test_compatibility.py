@@ -75,7 +75,7 @@ def test_an_old_results_file_reads_with_the_same_numbers():
 @pytest.mark.parametrize("text, says", [
     ("[1, 2]", "holds no JSON object"), ('{"steps": 3}', "lacks config, finished"),
     ("{garbled", "is no JSON"), ('{"config": {}, "steps": 1, "finished": true, "seed": 1,'
-                                  ' "timing": 5}', "not a mapping")])
+                                  ' "timing": 5}', "its timing is 5")])
 def test_a_damaged_results_file_is_refused_in_words(text, says):
   with pytest.raises(ValueError, match=says):
     results_lib.parse_results(text)

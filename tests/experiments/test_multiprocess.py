@@ -401,8 +401,8 @@ def test_a_gs_workdir_stays_a_url_and_every_report_is_written_through_epath(
   with gs_bucket_in(tmp_path / "gcs", monkeypatch):
     workdir_lib.Lock(path).acquire()  # object stores have no lock: not enforced there
     run_writer = writer.RunWriter(path, start_step=0)
-    run_writer.write_metrics(1, {"train/loss": 2.5})
-    run_writer.write_metrics(2, {"train/loss": 2.0})
+    run_writer.write_metrics(1, {"train/loss": 2.5, "epoch": 0.5})
+    run_writer.write_metrics(2, {"train/loss": 2.0, "epoch": 1.0})
     run_writer.flush()
     run_writer.write_results(results_lib.Results(config={}, steps=2, finished=False))
     run_writer.write_config({})
