@@ -98,8 +98,23 @@ def test_ctrl_c_reaches_the_running_config_once_and_the_sweep_exits_75(tmp_path)
 
 
 @pytest.mark.e2e
-def test_a_failed_config_makes_the_sweep_exit_1_and_names_it(tmp_path):
+def test_a_config_that_cannot_work_stops_the_sweep_before_any_run(tmp_path):
   done = subprocess.run(sweep_command(tmp_path / "pair", "--config.survival.rule=steep"),
+                        cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+      "error: the sweep's run 'stochastic': model: unknown survival rule 'steep'; choose "
+      "one of ('linear_decay', 'uniform').")
+  assert not (tmp_path / "pair").exists()  # nothing started
+
+
+@pytest.mark.e2e
+def test_a_failed_config_makes_the_sweep_exit_1_and_names_it(tmp_path):
+  # Valid settings whose data is missing: each run fails when it starts, not the sweep.
+  missing = tmp_path / "no_such_images"
+  done = subprocess.run(sweep_command(tmp_path / "pair", "--config.dataset=folder",
+                                      f"--config.data_dir={missing}"),
                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 1, done.stderr[-3000:]
