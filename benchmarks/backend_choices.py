@@ -6,10 +6,10 @@ network with every gate open, timed interleaved in one process.
 The plain network (p_L = 1: no gate, no conditional) computes what the network with every
 gate open computes, without the conditionals; it must not be slower. Variants:
   plain             today's choices (`backend.branch_policy`, `backend.unroll_stages`)
-  plain, saved      its branches keep only their convolutions' outputs for the backward
-                    pass (BatchNorm and ReLU recomputed), as a branch in a conditional
+  plain, keeps all  its branches keep every residual for the backward pass (no remat
+                    policy; on CPU today they keep only their convolutions' outputs)
   plain, unrolled   its stages' scans fully unrolled, as a gated stage's
-  plain, both       both
+  plain, keeps all, unrolled  both (the CPU choice before 2026-12-05, on jax 0.12)
   open              the stochastic network with every gate forced open (`ForcedGates`)
 Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
 table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
@@ -32,21 +32,23 @@ FLAGS = flags.FLAGS
 
 
 @contextlib.contextmanager
-def choices(saved: bool, unrolled: bool):
-  """`sdnet.backend`'s plain-branch policy and stage unrolling set as asked while a
-  variant is traced and compiled."""
-  policy, unroll = backend._PLAIN_SAVES_CONV_OUTPUTS, backend.unroll_stages  # pylint: disable=protected-access
-  backend._PLAIN_SAVES_CONV_OUTPUTS = saved  # pylint: disable=protected-access
+def choices(keeps_all: bool, unrolled: bool):
+  """Today's `sdnet.backend` choices for plain branches and stages, with a plain branch
+  keeping every residual (no remat policy) and/or a plain stage's scan fully unrolled,
+  while a variant is traced and compiled."""
+  policy, unroll = backend.branch_policy, backend.unroll_stages
+  if keeps_all:
+    backend.branch_policy = lambda name, gated: policy(name, gated) if gated else None
   if unrolled:
     backend.unroll_stages = lambda length, remat, gated=False: unroll(length, remat, True)
   try:
     yield
   finally:
-    backend._PLAIN_SAVES_CONV_OUTPUTS, backend.unroll_stages = policy, unroll  # pylint: disable=protected-access
+    backend.branch_policy, backend.unroll_stages = policy, unroll
 
 
-VARIANTS = {"plain": (False, False), "plain, saved": (True, False),
-            "plain, unrolled": (False, True), "plain, both": (True, True)}
+VARIANTS = {"plain": (False, False), "plain, keeps all": (True, False),
+            "plain, unrolled": (False, True), "plain, keeps all, unrolled": (True, True)}
 
 
 def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:

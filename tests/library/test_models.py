@@ -129,6 +129,16 @@ def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(patt
                              resnet20_outputs("mask", tuple(pattern)), rtol=2e-5, atol=2e-5)
 
 
+def test_constant_depth_computes_what_every_gate_open_computes():
+  """The plain network (p_L = 1: no gate, no conditional, its branches saving for the
+  backward pass what `sdnet.backend.branch_policy` says) gives the logits, gradients and
+  statistics of the stochastic network with every gate open."""
+  plain_model = models.CifarResNet20(p_last=1.0)
+  plain = jax.jit(lambda v: train_step_outputs(plain_model, v, None))(resnet20_variables())
+  helpers.assert_trees_close(plain, resnet20_outputs("cond", (1,) * 9),
+                             rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("skip", ["cond", "mask", "compact"])
 def test_dropped_blocks_get_zero_gradient_and_keep_statistics(skip):
   gates = GATE_PATTERNS[1]
