@@ -120,7 +120,7 @@ def branch_policy(conv_output: str, gated: bool):
   of every residual's shape, so it writes fewer.
     CPU  save only `conv_output`, gated or not (measured: SD ResNet-56 0.83 of the plain
          step against 0.91 without it; the plain ResNet-110 step 0.68 of keeping every
-         residual on jax 0.12, 0.72 on jax 0.10.2, at half the memory).
+         residual on jax 0.12, 0.86 on jax 0.10.2, in about half the memory).
     GPU, TPU  None (not measured).
   """
   del gated  # the same choice for both kinds on every backend measured so far
