@@ -20,6 +20,10 @@ a run's train images/s, the input pipeline, not the step, limits training.
 
 import os
 
+try:  # torchvision crashes (SIGSEGV) when imported after TensorFlow: import it first.
+  import torchvision  # pylint: disable=unused-import
+except ImportError:
+  pass
 from absl import app
 from absl import flags
 import jax
