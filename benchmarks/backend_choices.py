@@ -6,10 +6,10 @@ network with every gate open, timed interleaved in one process.
 The plain network (p_L = 1: no gate, no conditional) computes what the network with every
 gate open computes, without the conditionals; it must not be slower. Variants:
   plain             today's choices (`backend.branch_policy`, `backend.unroll_stages`)
-  plain, keeps all  its branches keep every residual for the backward pass (no remat
+  plain keeps all   its branches keep every residual for the backward pass (no remat
                     policy; on CPU today they keep only their convolutions' outputs)
-  plain, unrolled   its stages' scans fully unrolled, as a gated stage's
-  plain, keeps all, unrolled  both (the CPU choice before 2026-12-05, on jax 0.12)
+  plain unrolled    its stages' scans fully unrolled, as a gated stage's
+  plain both        both (the CPU choice before 2026-12-05, on jax 0.12)
   open              the stochastic network with every gate forced open (`ForcedGates`)
 Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
 table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
@@ -47,8 +47,8 @@ def choices(keeps_all: bool, unrolled: bool):
     backend.branch_policy, backend.unroll_stages = policy, unroll
 
 
-VARIANTS = {"plain": (False, False), "plain, keeps all": (True, False),
-            "plain, unrolled": (False, True), "plain, keeps all, unrolled": (True, True)}
+VARIANTS = {"plain": (False, False), "plain keeps all": (True, False),
+            "plain unrolled": (False, True), "plain both": (True, True)}
 
 
 def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:
