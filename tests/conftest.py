@@ -17,11 +17,17 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the whole session (the test workers and every
-# subprocess inherit the variable): the many runs of the same tiny config, in-process
-# and as programs, compile each program once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# A persistent compilation cache per test process, which its subprocesses inherit: the
+# many runs of the same tiny config, in-process and as programs, compile each program
+# once. Not one for all xdist workers: JAX writes an entry in place (no temporary file
+# and rename) and reads it without a lock, and two workers compiling and loading the same
+# programs at once have crashed a worker (XLA aborted in a compiled call, and xdist then
+# hung the run).
+_MADE_HERE = "SDNET_TEST_JAX_CACHE_MADE"  # set where the cache directory is the tests' own
+if ("JAX_COMPILATION_CACHE_DIR" not in os.environ or
+    os.environ.get(_MADE_HERE) and "PYTEST_XDIST_WORKER" in os.environ):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdnet-test-jax-cache-")
+  os.environ[_MADE_HERE] = "1"
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
