@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -114,6 +116,32 @@ def cluster_detected(coordinator_address: str | None = None) -> str | None:
   return None
 
 
+# The first JAX whose multi-process CPU programs hang when loaded from the persistent cache.
+_CACHED_CPU_COLLECTIVES_HANG_SINCE = (0, 12, 1)
+
+
+def _avoid_cached_cpu_collectives() -> None:
+  """Turns JAX's persistent compilation cache off in a CPU run of several processes, from
+  jax 0.12.1 on (still so in 0.12.1, the newest on 2026-12-06).
+
+  There a program with collectives that comes out of the cache (a second run, or a resumed
+  one) waits forever in its first collective on every process, with no error: the
+  executable compiled afresh runs; 0.10.2 runs both. Compiling again costs seconds on
+  CPU; a hang costs the run.
+  """
+  if (jax.default_backend() != "cpu" or not jax.config.jax_enable_compilation_cache
+      or _jax_version() < _CACHED_CPU_COLLECTIVES_HANG_SINCE):
+    return
+  jax.config.update("jax_enable_compilation_cache", False)
+  if jax.config.jax_compilation_cache_dir:
+    logging.warning("persistent compilation cache off: JAX %s hangs in CPU collectives "
+                    "of several processes loaded from it", jax.__version__)
+
+
+def _jax_version() -> tuple[int, ...]:
+  return tuple(int(part) for part in re.findall(r"\d+", jax.__version__)[:3])
+
+
 def initialize(mode: str = "auto", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None, *,
                heartbeat_timeout_seconds: int = 60,
@@ -130,7 +158,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   detection: a process that stops sending heartbeats for `heartbeat_timeout_seconds`
   (dead, hung, or cut off) makes every other process terminate, as does a process that
   does not connect within `initialization_timeout_seconds` (JAX ends the process, naming
-  the failed RPC). Missing or inconsistent settings, and a run of several processes
+  the failed RPC); no persistent compilation cache where its programs would hang
+  (`_avoid_cached_cpu_collectives`). Missing or inconsistent settings, and a run of several processes
   without the runtime, give a UserError.
   """
   if mode == "yes" or (mode == "auto" and cluster_detected(coordinator_address)):
@@ -147,6 +176,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
           f"cannot start the multi-process runtime: {e} (give --coordinator_address, "
           "--num_processes and --process_id, or run under Slurm, Open MPI or Cloud TPU)."
       ) from None
+  if jax.process_count() > 1:
+    _avoid_cached_cpu_collectives()
   if jax.process_count() > 1 and not jax.distributed.is_initialized():
     raise errors.UserError(
         f"this run spans {jax.process_count()} processes but JAX's multi-process runtime "

@@ -97,7 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with watch.measure("compile"):
         train = setup_lib.compile_train_steps(setup, state, metrics, set(chunks))
         evaluations.compile(state)
-      logging.info("compiled in %.1f s", watch.last_s)
+      logging.info("compiled in %.1f s%s", watch.last_s, "" if jax.process_count() == 1
+                   else " (several processes: the train step compiles at its first call)")
       progress, saver = Progress(setup, writer, watch), resume.Saver(checkpoints, record, watch)
       for length, batch in zip(chunks, train_batches(setup, step, chunks, watch)):
         state, metrics = train[length](state, batch, metrics)
