@@ -4,10 +4,13 @@
   and the latest two are kept, so a crash while saving never loses the previous one.
 - Every array's CRC-32 is saved in the checkpoint's metadata and checked on restore, so
   overwritten bytes are found, not trained on. A damaged checkpoint (bytes that fail
-  their checksums, files that cannot be read) is moved aside to WORKDIR/damaged/, kept
-  for inspection, and the next older one is used. A checkpoint whose arrays have other
-  shapes than the current settings give (another depth, other classes) is not damaged:
-  it is refused (`errors.IncompatibleCheckpoint`) and left where it is.
+  their checksums, files that are missing or do not parse) is moved aside to
+  WORKDIR/damaged/, kept for inspection, and the next older one is used. A checkpoint
+  whose arrays have other shapes than the current settings give (another depth, other
+  classes) is not damaged: it is refused (`errors.IncompatibleCheckpoint`) and left
+  where it is. Nor is one that the filesystem fails to read (EIO, EACCES, a timeout):
+  the error is raised, the run stops in one line (exit 5), and the checkpoint is used
+  when the run is started again.
 - On many hosts every process takes part in every save; the two managers use their own
   barrier names, so saving the latest and the best checkpoint of one step never collide.
 """
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import errno
 from typing import Any
 import zlib
 
@@ -38,6 +42,21 @@ def damaged_arrays(state: Any, expected: dict[str, int]) -> list[str]:
   """Paths of the arrays whose CRC-32 differs from `expected` (or that are missing)."""
   found = checksums(state)
   return sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+
+
+# What a checkpoint's own files can be missing or be: its damage, not the filesystem's.
+_DAMAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
+
+
+def _damage(error: Exception) -> Exception:
+  """`error`, which reading a checkpoint raised, if it says the checkpoint is damaged
+  (bytes that do not parse or fail their checksums, files missing from it); a fault of
+  the filesystem (EIO, EACCES, ENOSPC, a network timeout, ...) is raised instead, so
+  that a transient fault never sets a good checkpoint aside."""
+  fault = errors.filesystem_error(error)
+  if fault is not None and fault.errno not in _DAMAGE_ERRNOS:
+    raise error
+  return error
 
 
 def _path_name(path) -> str:
@@ -113,14 +132,16 @@ class Checkpoints:
       raise ValueError(f"{len(bad)} array(s) differ from their checksums, e.g. {bad[0]}")
     return state, meta
 
-  def restore_newest_good(self, template: Any, check_meta: Callable[[dict], None]
+  def restore_newest_good(self, template: Any, check_meta: Callable[[dict, bool], None]
                           ) -> tuple[int, Any, dict] | None:
     """(step, state, meta) of the newest checkpoint that restores and verifies.
 
-    `check_meta(meta)` runs first on each one's metadata and may raise (a config that
-    does not match is the user's to resolve, not a damaged file); then the saved shapes
-    must be the template's (else `errors.IncompatibleCheckpoint`, the checkpoint kept).
-    Damaged checkpoints are reported in one line each and moved to WORKDIR/damaged/.
+    `check_meta(meta, fits)` runs first on each one's metadata (`fits`: whether its
+    arrays have the template's shapes) and may raise (a config that does not match is the
+    user's to resolve, not a damaged file); then the saved shapes must be the template's
+    (else `errors.IncompatibleCheckpoint`, the checkpoint kept).
+    Damaged checkpoints are reported in one line each and moved to WORKDIR/damaged/; a
+    fault of the filesystem while reading one (`_damage`) is raised, the checkpoint kept.
     None if none is left.
     """
     for step in reversed(self.steps()):
@@ -128,10 +149,10 @@ class Checkpoints:
         meta = self.read_meta(step)
         saved = self.saved_shapes(step)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        self._set_aside(step, _damage(e))
         continue
-      check_meta(meta)
       differences = shape_differences(saved, shapes(template))
+      check_meta(meta, not differences)
       if differences:
         raise errors.IncompatibleCheckpoint(
             f"the checkpoint of step {step} in {self.workdir} cannot be loaded with the "
@@ -142,7 +163,7 @@ class Checkpoints:
       try:
         state, meta = self.restore(step, template)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        self._set_aside(step, _damage(e))
         continue
       return step, state, meta
     return None

@@ -129,14 +129,16 @@ def restore(checkpoints: checkpoints_lib.Checkpoints, template, config, data: di
   current = config_dict(config)
   changes: list = []
 
-  def check_meta(meta: dict) -> None:
+  def check_meta(meta: dict, fits: bool) -> None:
     differences = (config_differences(meta["config"], current)
                    + data_differences(meta.get("data"), data))
     if differences and not allow_config_change:
       raise errors.UserError(
           f"{checkpoints.workdir} holds a run with other settings ({listed(differences)})."
-          " Use a new --workdir, or pass --allow_config_change to continue this run with "
-          "the new settings (the change is recorded in results.json).")
+          + (" Use a new --workdir, or pass --allow_config_change to continue this run "
+             "with the new settings (the change is recorded in results.json)." if fits else
+             " Its checkpoints cannot take them (arrays of other shapes): resume with the "
+             "settings it was trained with, or use a new --workdir."))
     changes[:] = differences
 
   try:

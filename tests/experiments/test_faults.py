@@ -180,6 +180,31 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
       tmp_path / "straight")[1]["checksums"]
 
 
+def test_a_checkpoint_the_filesystem_fails_to_read_is_kept_and_used_once_it_reads(
+    tmp_path, monkeypatch):
+  """A fault of the disk is not damage: the run stops naming it, nothing is set aside."""
+  config = tiny_config(epochs=2, checkpoint_every_steps=2, halt_after_steps=4)
+  loop.train_and_evaluate(config, str(tmp_path / "run"), source=DATASET)
+  config.halt_after_steps = 0
+  faults = [
+      ("read_meta", OSError(13, "Permission denied", "meta")),  # EACCES
+      ("restore", ValueError("Error reading local file \"d/0\": Failed reading "
+                             "\"d/0\" [os_error_code='5']")),  # EIO, as tensorstore says it
+  ]
+  for method, fault in faults:
+    def fail(*args, fault=fault, **kwargs):
+      raise fault
+    with monkeypatch.context() as patch:
+      patch.setattr(checkpoint_lib.Checkpoints, method, fail)
+      with pytest.raises(type(fault)) as raised:
+        loop.train_and_evaluate(config, str(tmp_path / "run"), source=DATASET)
+    assert errors.filesystem_error(raised.value).errno in (13, 5)
+    assert not (tmp_path / "run" / "damaged").exists()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "run"), source=DATASET)
+  assert resumed.results.finished and resumed.results.timing["train_steps"] == 10
+
+
 def test_checksums_name_the_array_that_changed():
   state = {"a": np.arange(4.0), "b": {"c": np.ones(3, np.float32)}}
   sums = checkpoint_lib.checksums(state)
@@ -640,7 +665,8 @@ def test_a_checkpoint_the_new_settings_cannot_load_is_refused_and_kept(tmp_path)
                           source=DATASET)
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   deeper = tiny_config(epochs=2, **{"model.depth": 14})
-  with pytest.raises(errors.UserError, match=r"model.depth: 8 -> 14.*--allow_config_change"):
+  with pytest.raises(errors.UserError, match=r"model.depth: 8 -> 14\)\. Its checkpoints "
+                     r"cannot take them .*: resume with the settings it was trained with"):
     loop.train_and_evaluate(deeper, str(tmp_path), source=DATASET)
   with pytest.raises(errors.IncompatibleCheckpoint,
                      match=r"model.depth: 8 -> 14: the checkpoint of step 4 .* cannot be "
