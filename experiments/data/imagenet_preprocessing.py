@@ -18,7 +18,7 @@ libjpeg-turbo (simplejpeg) at the smallest of its DCT scales (1/8, ..., 1) that 
 crop at least `size` px on each side, and resized with OpenCV's bicubic (as Torch7's
 image.scale, no antialiasing kernel); Pillow decodes what libjpeg-turbo cannot (PNGs).
 Measured on one core, 500x375 JPEGs: 1.1 ms an image against 2.3 ms with Pillow's
-decoder and resize (benchmarks/README.md). What is arithmetic on pixels (jitter,
+decoder and resize (README.md's ImageNet section). What is arithmetic on pixels (jitter,
 lighting, normalisation) runs on the device (`on_device.JitterLightingNormalise`), with
 per-example parameters the host draws (`augment_parameters`), so every random choice of
 an example is a function of (seed, step, row) alone, whatever the devices.

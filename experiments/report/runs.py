@@ -72,7 +72,7 @@ class Run:
     """"constant depth", "SD p_L=0.5" or "SD uniform p_L=0.5"."""
     if self.is_constant_depth:
       return "constant depth"
-    rule = "" if self.rule == "linear_decay" else f"{self.rule} "
+    rule = "" if self.rule == options.PAPER_SURVIVAL_RULE else f"{self.rule} "
     return f"SD {rule}p_L={self.p_last:g}"
 
   @property
