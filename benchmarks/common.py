@@ -19,10 +19,11 @@ def define_flags():
   flags.DEFINE_string("out", "", "Write the rows as JSON here.")
 
 
-def cases(specs, small=False):
-  """(depth, batch) pairs from "depth:batch" `specs` (ResNet-8 at batch 8 if `small`)."""
+def cases(specs, small=False, family="cifar"):
+  """(depth, batch) pairs from "depth:batch" `specs` (if `small`, ResNet-8 at batch 8, or
+  the ImageNet family's ResNet-14)."""
   if small:
-    return [(8, 8)]
+    return [(14 if family == "imagenet" else 8, 8)]
   return [tuple(int(v) for v in spec.split(":")) for spec in specs]
 
 

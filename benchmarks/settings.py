@@ -20,6 +20,9 @@ SETTINGS = {
                  ["--steps_per_call=20", "--dtype=bfloat16"]),
     "remat_1202": ("ResNet-1202 with each block rematerialised", "", "train_step",
                    ["--steps_per_call=1", "--remat", "--cases=1202:128"]),
+    "imagenet_bf16": ("ImageNet's ResNet-50 and ResNet-152 (224 px), bfloat16 compute", "",
+                      "train_step", ["--family=imagenet", "--cases=50:256,152:128",
+                                     "--dtype=bfloat16", "--steps_per_call=1"]),
     "torch": ("PyTorch eager, Python if per block (the authors' skipping)", "",
               "torch_reference", []),
 }
@@ -30,6 +33,8 @@ def command(setting: str, out: str, small: bool, extra):
   argv = [sys.executable, "-m", f"benchmarks.{module}", f"--out={out}", *args]
   if small:
     argv += ["--small", "--repeats=2", "--calls=1"]
+    if "--family=imagenet" in args:
+      argv.append("--image_size=64")
   if module == "train_step":
     argv += list(extra)
     if small:

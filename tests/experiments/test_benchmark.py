@@ -75,6 +75,15 @@ def test_suite_runs_each_setting_in_its_own_process_and_merges_the_rows(tmp_path
   assert abs(merged["rows"][1]["ratio_to_constant"] - 0.8) < 1e-9
 
 
+def test_the_suites_imagenet_setting_times_the_papers_networks_and_checks_small():
+  argv, _ = settings.command("imagenet_bf16", "out.json", small=False, extra=[])
+  assert {"--family=imagenet", "--cases=50:256,152:128", "--dtype=bfloat16"} <= set(argv)
+  argv, _ = settings.command("imagenet_bf16", "out.json", small=True, extra=[])
+  assert "--small" in argv and "--image_size=64" in argv
+  assert common.cases(["50:256"], small=True, family="imagenet") == [(14, 8)]
+  assert common.cases(["50:256"], small=True) == [(8, 8)]
+
+
 def test_suite_rejects_an_unknown_setting_before_running_anything(tmp_path, monkeypatch):
   monkeypatch.setattr(settings.subprocess, "run", lambda *a, **k: pytest.fail("ran"))
   with pytest.raises(ValueError, match="unknown settings \\['fast'\\]"):
