@@ -159,8 +159,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   (dead, hung, or cut off) makes every other process terminate, as does a process that
   does not connect within `initialization_timeout_seconds` (JAX ends the process, naming
   the failed RPC); no persistent compilation cache where its programs would hang
-  (`_avoid_cached_cpu_collectives`). Missing or inconsistent settings, and a run of several processes
-  without the runtime, give a UserError.
+  (`_avoid_cached_cpu_collectives`). Missing or inconsistent settings, and a run of
+  several processes without the runtime, give a UserError.
   """
   if mode == "yes" or (mode == "auto" and cluster_detected(coordinator_address)):
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
