@@ -24,8 +24,29 @@ VERSION = 2
 
 # -------------------------------------------------------------------- results.json
 
-TIMING_FIELDS = ("train_s", "train_steps", "input_wait_s", "evaluate_s", "checkpoint_s",
-                 "compile_s", "wall_s")
+@dataclasses.dataclass
+class Timing:
+  """A run's time totals in seconds, carried across its resumes: results.json's "timing"
+  (as a dict) and the `TIMING_PREFIX` fields of metrics.jsonl. Train time holds the train
+  steps and the input feeding them; the wait for input is also counted apart."""
+  train_s: float = 0.0
+  train_steps: int = 0
+  input_wait_s: float = 0.0
+  evaluate_s: float = 0.0
+  checkpoint_s: float = 0.0
+  compile_s: float = 0.0
+  wall_s: float = 0.0
+
+  @classmethod
+  def of(cls, totals: dict | None) -> Timing:
+    """From results.json's dict (fields it lacks are 0; others are ignored)."""
+    return cls(**{k: v for k, v in (totals or {}).items() if k in TIMING_FIELDS})
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+TIMING_FIELDS = tuple(field.name for field in dataclasses.fields(Timing))
 
 
 @dataclasses.dataclass
@@ -50,7 +71,7 @@ class Results:
   config: dict
   steps: int
   finished: bool
-  timing: dict = dataclasses.field(default_factory=dict)  # TIMING_FIELDS, seconds
+  timing: dict = dataclasses.field(default_factory=dict)  # a `Timing`, as a dict
   seed: int | None = None
   dataset: str | None = None  # the data source's description
   epochs: float | None = None

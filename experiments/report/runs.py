@@ -263,7 +263,8 @@ class Timing:
 def timing(run: Run) -> Timing:
   """From results.json, or from the train windows of metrics.jsonl (unfinished runs)."""
   results = run.results
-  train_s = results.timing.get("train_s") if results else None
+  totals = results_lib.Timing.of(results.timing) if results else None
+  train_s = totals.train_s if totals and totals.train_steps else None
   if results and results.seconds_per_epoch is not None and train_s is not None:
     return Timing(results.seconds_per_epoch, results.train_images_per_s, train_s)
   steps_name, seconds_name = results_lib.WINDOW_STEPS, results_lib.WINDOW_SECONDS

@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import time
 
+from experiments import results as results_lib
+
 
 @dataclasses.dataclass
 class Window:
@@ -28,12 +30,10 @@ class Stopwatch:
                window: Window | None = None, clock: Callable[[], float] = time.perf_counter):
     self.clock = clock
     self._step = start_step
-    self.totals = {"train_s": 0.0, "train_steps": 0, "input_wait_s": 0.0,
-                   "evaluate_s": 0.0, "checkpoint_s": 0.0, "compile_s": 0.0, "wall_s": 0.0,
-                   **(totals or {})}
+    self.totals = results_lib.Timing.of(totals)
     self.window = window or Window()
     self._segment_start = self._mark = clock()
-    self._wall_at_start = self.totals["wall_s"]
+    self._wall_at_start = self.totals.wall_s
     self.last_s = 0.0
 
   def restart_train_clock(self) -> None:
@@ -43,8 +43,8 @@ class Stopwatch:
     """Books the time since the last mark as the train steps up to `step` (after a host
     sync)."""
     elapsed, steps = self.clock() - self._mark, step - self._step
-    self.totals["train_s"] += elapsed
-    self.totals["train_steps"] += steps
+    self.totals.train_s += elapsed
+    self.totals.train_steps += steps
     self.window.seconds += elapsed
     self.window.steps += steps
     self._mark, self._step = self.clock(), step
@@ -57,7 +57,7 @@ class Stopwatch:
       yield
     finally:
       waited = self.clock() - start
-      self.totals["input_wait_s"] += waited
+      self.totals.input_wait_s += waited
       self.window.input_wait_s += waited
 
   def take_window(self) -> Window:
@@ -66,23 +66,25 @@ class Stopwatch:
 
   @contextlib.contextmanager
   def measure(self, what: str) -> Iterator[None]:
-    """Counts the time inside as `what` ("evaluate", "checkpoint", "compile"), not train
-    time; `last_s` is then how long it took."""
+    """Counts the time inside as `what` ("evaluate", "checkpoint", "compile": the
+    `Timing` field `what`_s), not train time; `last_s` is then how long it took."""
     start = self.clock()
     try:
       yield
     finally:
       self.last_s = self.clock() - start
-      self.totals[f"{what}_s"] += self.last_s
+      field = f"{what}_s"
+      setattr(self.totals, field, getattr(self.totals, field) + self.last_s)
       self._mark = self.clock()
 
   def snapshot(self) -> dict:
-    return {**self.totals,
-            "wall_s": self._wall_at_start + self.clock() - self._segment_start}
+    """The totals now, as results.json holds them."""
+    wall_s = self._wall_at_start + self.clock() - self._segment_start
+    return dataclasses.replace(self.totals, wall_s=wall_s).to_json()
 
   def rates(self, batch_size: int, steps_per_epoch: int) -> tuple[float | None, float | None]:
     """(images/s, seconds/epoch) of the train steps alone (None before any)."""
-    t, n = self.totals["train_s"], self.totals["train_steps"]
+    t, n = self.totals.train_s, self.totals.train_steps
     if not n or t <= 0:
       return None, None
     return n * batch_size / t, t / n * steps_per_epoch
