@@ -449,7 +449,8 @@ def test_sigint_and_sighup_are_stop_requests_like_sigterm(tmp_path, signum):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["sigint", "sigterm", "sighup"])
 def test_a_second_signal_stops_at_once_even_while_compiling(tmp_path, signum):
   """Two signals 0.05 s apart while XLA compiles (the main thread in compiled code,
   where Python runs no handler and two signals coalesce): the second ends the process
