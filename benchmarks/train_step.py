@@ -59,8 +59,9 @@ def main(argv):
   if jax.default_backend() == "cpu":
     print("CPU: ratios show what skipping saves on this CPU, not on a GPU or TPU.")
   rows = timing.measure(
-      common.cases(FLAGS.cases, FLAGS.small, FLAGS.family), skips=FLAGS.skips, p_last=FLAGS.p_last,
-      forced_gates=FLAGS.forced_gates, repeats=FLAGS.repeats, calls=FLAGS.calls,
+      common.cases(FLAGS.cases, FLAGS.small, FLAGS.family), skips=FLAGS.skips,
+      p_last=FLAGS.p_last, forced_gates=FLAGS.forced_gates, repeats=FLAGS.repeats,
+      calls=FLAGS.calls,
       steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype, remat=FLAGS.remat,
       compile_only=FLAGS.compile_only, family=FLAGS.family, image_size=FLAGS.image_size)
   print(common.format_table(rows))

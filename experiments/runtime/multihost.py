@@ -177,9 +177,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
           "--num_processes and --process_id, or run under Slurm, Open MPI or Cloud TPU)."
       ) from None
   if jax.process_count() > 1:
+    if not jax.distributed.is_initialized():
+      raise errors.UserError(
+          f"this run spans {jax.process_count()} processes but JAX's multi-process "
+          "runtime is not started, so a preemption or a dead host would go unnoticed: "
+          "pass --distributed=yes.")
     _avoid_cached_cpu_collectives()
-  if jax.process_count() > 1 and not jax.distributed.is_initialized():
-    raise errors.UserError(
-        f"this run spans {jax.process_count()} processes but JAX's multi-process runtime "
-        "is not started, so a preemption or a dead host would go unnoticed: pass "
-        "--distributed=yes.")

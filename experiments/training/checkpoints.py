@@ -48,17 +48,6 @@ def damaged_arrays(state: Any, expected: dict[str, int]) -> list[str]:
 _DAMAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
 
 
-def _damage(error: Exception) -> Exception:
-  """`error`, which reading a checkpoint raised, if it says the checkpoint is damaged
-  (bytes that do not parse or fail their checksums, files missing from it); a fault of
-  the filesystem (EIO, EACCES, ENOSPC, a network timeout, ...) is raised instead, so
-  that a transient fault never sets a good checkpoint aside."""
-  fault = errors.filesystem_error(error)
-  if fault is not None and fault.errno not in _DAMAGE_ERRNOS:
-    raise error
-  return error
-
-
 def _path_name(path) -> str:
   """"params/head/kernel": a tree path, whether its nodes are dicts, attributes (a
   TrainState's fields) or sequence items (optax's states)."""
@@ -141,7 +130,8 @@ class Checkpoints:
     user's to resolve, not a damaged file); then the saved shapes must be the template's
     (else `errors.IncompatibleCheckpoint`, the checkpoint kept).
     Damaged checkpoints are reported in one line each and moved to WORKDIR/damaged/; a
-    fault of the filesystem while reading one (`_damage`) is raised, the checkpoint kept.
+    fault of the filesystem while reading one is raised, the checkpoint kept
+    (`_set_aside`).
     None if none is left.
     """
     for step in reversed(self.steps()):
@@ -149,7 +139,7 @@ class Checkpoints:
         meta = self.read_meta(step)
         saved = self.saved_shapes(step)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, _damage(e))
+        self._set_aside(step, e)
         continue
       differences = shape_differences(saved, shapes(template))
       check_meta(meta, not differences)
@@ -163,12 +153,19 @@ class Checkpoints:
       try:
         state, meta = self.restore(step, template)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, _damage(e))
+        self._set_aside(step, e)
         continue
       return step, state, meta
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves the checkpoint of `step`, which reading raised `error`, to WORKDIR/damaged/;
+    but raises `error` where it is a fault of the filesystem (EIO, EACCES, ENOSPC, a
+    network timeout, ...), not of the checkpoint's own files, so that a transient fault
+    never sets a good checkpoint aside."""
+    fault = errors.filesystem_error(error)
+    if fault is not None and fault.errno not in _DAMAGE_ERRNOS:
+      raise error
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(
         error).__name__
     older = [s for s in self.steps() if s < step]
