@@ -8,7 +8,7 @@
   WORKDIR/damaged/, kept for inspection, and the next older one is used. A checkpoint
   whose arrays have other shapes than the current settings give (another depth, other
   classes) is not damaged: it is refused (`errors.IncompatibleCheckpoint`) and left
-  where it is. Nor is one that the filesystem fails to read (EIO, EACCES, a timeout):
+  where it is. Nor is one that the filesystem fails to read (EIO, EACCES: an errno):
   the error is raised, the run stops in one line (exit 5), and the checkpoint is used
   when the run is started again.
 - On many hosts every process takes part in every save; the two managers use their own
@@ -160,9 +160,10 @@ class Checkpoints:
 
   def _set_aside(self, step: int, error: Exception) -> None:
     """Moves the checkpoint of `step`, which reading raised `error`, to WORKDIR/damaged/;
-    but raises `error` where it is a fault of the filesystem (EIO, EACCES, ENOSPC, a
-    network timeout, ...), not of the checkpoint's own files, so that a transient fault
-    never sets a good checkpoint aside."""
+    but raises `error` where it is a fault of the filesystem (an errno other than a
+    missing file: EIO, EACCES, ENOSPC, ETIMEDOUT, ...), not of the checkpoint's own
+    files, so that a transient fault never sets a good checkpoint aside. A bucket's error
+    without an errno still counts as damage."""
     fault = errors.filesystem_error(error)
     if fault is not None and fault.errno not in _DAMAGE_ERRNOS:
       raise error
