@@ -134,11 +134,13 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
     return jnp.mean(losses), (logits, losses, new_state["batch_stats"])
 
   grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  if axis_name:
-    grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state)
+  with jax.named_scope("update"):  # names the optimizer's work in profiles
+    if axis_name:
+      grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
   sums = {"loss_sum": jnp.sum(losses),
           "correct": jnp.sum(jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32),
           "count": jnp.asarray(losses.shape[0], jnp.float32)}
