@@ -28,10 +28,6 @@ import torch.nn.functional as F
 from benchmarks import common
 
 FLAGS = flags.FLAGS
-common.define_flags()
-flags.DEFINE_bool("beside_jax", False, "Also time the library's plain, SD and all-open "
-                  "steps in this process, interleaved with PyTorch's (an interpreter with "
-                  "both installed): ratios that drifting clocks cannot bias.")
 
 
 class Block(nn.Module):
@@ -170,4 +166,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  common.define_flags()
+  flags.DEFINE_bool("beside_jax", False, "Also time the library's plain, SD and all-open "
+                    "steps in this process, interleaved with PyTorch's (an interpreter "
+                    "with both installed): ratios that drifting clocks cannot bias.")
   app.run(main)

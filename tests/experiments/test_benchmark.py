@@ -179,3 +179,95 @@ def test_the_imagenet_input_benchmark_times_every_pipeline_it_has(tmp_path):
       ("ours, processes", "train"), ("ours, threads", "train"), ("ours, threads", "eval"),
       ("tf.data (flax)", "train"), ("tf.data (flax)", "eval")}
   assert all(r["images_per_s"] > 0 and r["cores"] == 1 for r in rows)
+
+
+# ------------------------------------------------------------- where the step's time goes
+
+_STAGE = "jit(_fun)/while/body/{}(ResNet)/ResNet._run_stage/while/body/Block/residual/"
+
+
+@pytest.mark.parametrize("name, opcode, op_name, category", [
+    ("custom-call.1.clone", "custom-call:__onednn$convolution",
+     _STAGE.format("jvp") + "branch/Conv_0/add", "conv forward"),
+    ("conv_general_dilated.86", "convolution",
+     _STAGE.format("transpose(jvp") + "branch/Conv_0/input_gradient/conv_general_dilated",
+     "conv input gradient"),
+    ("transpose_copy_fusion.3", "fusion",
+     _STAGE.format("transpose(jvp") + "branch/Conv_1/kernel_gradient/transpose",
+     "conv kernel gradient"),
+    # a backward convolution that absorbed the shortcut's gradient add (oneDNN's sum)
+    ("custom-call.80.clone", "custom-call:__onednn$convolution",
+     _STAGE.format("transpose(jvp") + "add_any", "conv input gradient"),
+    ("wrapped_reduce-precision.4", "fusion",
+     _STAGE.format("jvp") + "branch/reduce_precision", "remat copies (reduce_precision)"),
+    ("bitcast_dynamic-update-slice_fusion", "fusion",
+     "jit(_fun)/while/body/jvp(ResNet)/ResNet._run_stage/while/body/"
+     "jit(dynamic_update_index_in_dim)/dynamic_update_slice", "loop slices, copies"),
+    ("copy.12", "copy", "", "loop slices, copies"),
+    ("broadcast_subtract_fusion.5", "fusion", _STAGE.format("jvp") + "branch/BatchNorm_0/sub",
+     "BatchNorm, ReLU, add: forward"),
+    ("compare_select_fusion.2", "fusion", _STAGE.format("transpose(jvp") + "branch/select_n",
+     "BatchNorm, ReLU, add: backward"),
+    ("add_multiply_fusion", "fusion", "jit(_fun)/while/body/update/mul", "update"),
+    ("reverse_select_fusion", "fusion", "jit(_fun)/while/body/vmap(jit(_where))/select_n",
+     "other"),
+])
+def test_the_profile_puts_each_instruction_of_the_step_in_its_category(name, opcode, op_name,
+                                                                       category):
+  from benchmarks import step_profile
+  assert step_profile.categorize(name, opcode, op_name) == category
+
+
+def test_the_profile_ends_an_asynchronous_thunk_at_its_end_event_and_splits_overlaps():
+  from benchmarks import step_profile
+  events = [(0, 10, "conv.1"), (40, 1, "end: conv.1"),     # asynchronous: 0-41
+            (20, 40, "fusion.2"), (60, 2, "end: fusion.2"),  # 20-62, overlaps conv.1
+            (5, 100, "ThunkExecutor::Execute"), (70, 10, "conv.1"), (80, 1, "end: conv.1")]
+  intervals = step_profile.thunk_intervals(events)
+  assert sorted(intervals) == [(0, 41, "conv.1"), (20, 62, "fusion.2"), (70, 81, "conv.1")]
+  totals = step_profile.shared_time(intervals, lambda name: name.split(".")[0])
+  # 0-20 conv alone, 20-41 shared, 41-62 fusion alone, 70-81 conv alone
+  assert totals == {"conv": 20 + 10.5 + 11, "fusion": 10.5 + 21}
+  assert sum(totals.values()) == 41 + 21 + 11  # the union of the busy time, never more
+
+
+def test_the_profile_knows_every_instruction_the_compiled_step_runs():
+  """Each traced thunk (an event with an "end: <name>" event) names an instruction of the
+  program, on both JAX versions,
+  the convolutions' three kernels and the update get time, and the categories add up to
+  the time a thunk ran, which the step's wall time bounds."""
+  import glob
+  import tempfile
+  import jax
+  from benchmarks import step_profile
+  variant = timing.make_variant(8, 8, 0.5, "auto", 1)
+  table = step_profile.instructions(variant["fn"].as_text())
+  directory = tempfile.mkdtemp()
+  with jax.profiler.trace(directory):
+    timing.run_variant(variant, 1, 1)
+  [path] = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+  names = {e.name.split("__")[0] for plane in jax.profiler.ProfileData.from_file(path).planes
+           for line in plane.lines if line.name.startswith("tf_XLA") for e in line.events}
+  thunks = {n[len("end: "):] for n in names if n.startswith("end: ")}
+  assert len(thunks) > 50 and thunks <= set(table), sorted(thunks - set(table))[:5]
+  breakdown = step_profile.jax_breakdown(variant, 2)
+  for category in ("conv forward", "conv input gradient", "conv kernel gradient", "update"):
+    assert breakdown[category] > 0, category
+  assert breakdown["busy"] == pytest.approx(
+      sum(breakdown[c] for c in step_profile.CATEGORIES))
+  assert breakdown["busy"] <= 1.05 * breakdown["wall"] + 1.0
+
+
+@pytest.mark.parametrize("op, ancestors, category", [
+    ("aten::mkldnn_convolution", ("aten::conv2d",), "conv forward"),
+    ("aten::convolution_backward", ("autograd::engine::evaluate_function: "
+                                    "ConvolutionBackward0",), "conv gradients"),
+    ("aten::native_batch_norm", ("aten::batch_norm",), "BatchNorm, ReLU, add: forward"),
+    ("aten::add_", ("autograd::engine::evaluate_function: AddBackward0",),
+     "BatchNorm, ReLU, add: backward"),
+    ("aten::add_", ("Optimizer.step#SGD.step",), "update"),
+    ("aten::nll_loss_forward", (), "other"),
+])
+def test_the_profile_puts_each_pytorch_operator_in_its_category(op, ancestors, category):
+  from benchmarks import step_profile
+  assert step_profile.torch_category(op, ancestors) == category
