@@ -137,7 +137,7 @@ def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:
   CPU  gated stages of up to 64 blocks unroll (measured: 0.79-0.82 of the rolled SD
        step at ResNet-56 and -110); plain stages roll (their branches saving only the
        convolutions' outputs, unrolled measured no faster and compiles 2-4x longer; the
-       rolled loop's copies are 12-21% of the step, but unrolled, XLA fuses BatchNorm's
+       rolled loop's copies are 12-21% of the step, but unrolled, jax 0.10.2 fuses BatchNorm's
        backward into the kernel gradients' transposes: `benchmarks.step_profile`).
   Elsewhere, or with remat: a real loop (unrolled, XLA merges the recomputation with the
   forward pass and remat saves no memory).
