@@ -137,8 +137,9 @@ def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:
   CPU  gated stages of up to 64 blocks unroll (measured: 0.79-0.82 of the rolled SD
        step at ResNet-56 and -110); plain stages roll (their branches saving only the
        convolutions' outputs, unrolled measured no faster and compiles 2-4x longer; the
-       rolled loop's copies are 12-21% of the step, but unrolled, jax 0.10.2 fuses BatchNorm's
-       backward into the kernel gradients' transposes: `benchmarks.step_profile`).
+       rolled loop's copies cost 12-21% of the step, but unrolled on jax 0.10.2, XLA
+       fuses BatchNorm's backward into the kernel gradients' transposes; see
+       `benchmarks.step_profile` in benchmarks/README.md).
   Elsewhere, or with remat: a real loop (unrolled, XLA merges the recomputation with the
   forward pass and remat saves no memory).
   """
