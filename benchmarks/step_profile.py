@@ -150,7 +150,9 @@ def jax_breakdown(variant, repeats: int) -> dict[str, float]:
     wall = [timing.run_variant(variant, 1, 1) for _ in range(repeats)]
   [path] = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
   profile = jax.profiler.ProfileData.from_file(path)
-  events = [(e.start_ns, e.duration_ns, e.name.split("__")[0])  # "custom-call.7.clone__onednn$convolution"
+  # An event is named after its instruction, a custom call's with its target appended:
+  # "custom-call.7.clone__onednn$convolution".
+  events = [(e.start_ns, e.duration_ns, e.name.split("__")[0])
             for plane in profile.planes for line in plane.lines
             if line.name.startswith("tf_XLA") for e in line.events]
   # Thunks only (the runtime's own events are not instructions), and of control flow
