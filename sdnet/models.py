@@ -137,7 +137,8 @@ class Block(nn.Module):
   scaling: options.Scaling
   mode: options.Mode
   gated_branch_policy: Callable | None = None  # remat policy of a branch in a cond
-  plain_branch_policy: Callable | None = None  # ... and of one that always runs
+  # ... and of one that always runs, where the caller does not wrap the whole block
+  plain_branch_policy: Callable | None = None
 
   @nn.compact
   def __call__(self, x, xs):
@@ -283,16 +284,17 @@ class ResNet(nn.Module):
       x = act(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
 
-    # What a branch inside a cond keeps for the backward pass: only where the branch
-    # names its convolutions' outputs, and not under remat=True (which recomputes all).
-    policies = {"gated_branch_policy": None, "plain_branch_policy": None}
+    # What a block keeps for the backward pass (`backend.branch_policy`): a branch inside
+    # a cond, or a whole block that always runs; only where the branch names its
+    # convolutions' outputs, and not under remat=True (which recomputes all).
+    gated_policy = plain_policy = None
     if getattr(self.branch_cls, "names_conv_outputs", False) and not self.remat:
-      policies = {f"{kind}_branch_policy": backend.branch_policy(CONV_OUTPUT, kind == "gated")
-                  for kind in ("gated", "plain")}
+      gated_policy = backend.branch_policy(CONV_OUTPUT, gated=True)
+      plain_policy = backend.branch_policy(CONV_OUTPUT, gated=False)
     # A block that compaction does not cover (a stage's first) skips with a cond.
     common = dict(branch_cls=self.branch_cls, conv=conv, norm=norm, act=act, train=train,
                   skip="cond" if self.stage_skip() == "compact" else self.stage_skip(),
-                  scaling=self.scaling, mode=self.mode, **policies)
+                  scaling=self.scaling, mode=self.mode, gated_branch_policy=gated_policy)
     start = 0
     for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       strides = 1 if stage == 0 else 2
@@ -308,6 +310,8 @@ class ResNet(nn.Module):
         first_xs = {k: v[0] for k, v in xs.items()
                     if (k == "gate" and gated[start]) or (k == "prob" and scaled[start])}
         block_cls = nn.remat(Block) if self.remat else Block
+        if not gated[start] and plain_policy is not None:
+          block_cls = nn.remat(Block, policy=plain_policy)
         x, _ = block_cls(features=features, strides=strides, projection=self.projection,
                          name=f"stage{stage + 1}_first", **common)(x, first_xs)
       if size > scan_from:
@@ -315,7 +319,7 @@ class ResNet(nn.Module):
         block_kwargs = dict(features=features, strides=1, projection=False, **common)
         x = self._run_stage(f"stage{stage + 1}_blocks", block_kwargs, x,
                             {k: v[scan_from:] for k, v in xs.items()},
-                            gated[rest], scaled[rest])
+                            gated[rest], scaled[rest], plain_policy)
       start += size
 
     x = jnp.mean(x, axis=(1, 2))
@@ -324,13 +328,16 @@ class ResNet(nn.Module):
     return jnp.asarray(x, jnp.float32)
 
   def _run_stage(self, name: str, block_kwargs: dict, x, xs, gated: np.ndarray,
-                 scaled: np.ndarray):
+                 scaled: np.ndarray, plain_policy: Callable | None = None):
     """The same-shape blocks `name` of a stage, on stacked variables (leading axis =
     block), in runs of consecutive blocks of one kind:
 
       gated (a traced gate decides)   skipped by `stage_skip()`: per block cond or mask
                                       inside a scan, or compaction (sdnet.compaction)
       not gated                       a plain scan, no conditional, as a plain ResNet
+
+    A block that is not gated keeps for its backward pass what `plain_policy` says,
+    around the whole block; a survivor of compaction, around its branch.
 
     `nn.scan` creates the stacked variables at initialisation; afterwards every run reads
     and writes its slice of them, so every skip method runs on one set of weights.
@@ -340,23 +347,30 @@ class ResNet(nn.Module):
                         split_rngs={"params": True}, length=len(gated))
       x, _ = scanned(**block_kwargs, name=name)(x, {})
       return x
-    block = Block(**block_kwargs, parent=None)
     variables = {"params": self.get_variable("params", name),
                  "batch_stats": self.get_variable("batch_stats", name, {})}
     mutable = ["batch_stats"] if self.is_mutable_collection("batch_stats") else False
 
-    def apply_block(block_variables, h, block_xs):
-      out = block.apply(block_variables, h, block_xs, mutable=mutable)
-      if mutable:
-        (h, _), state = out
-        return h, state["batch_stats"]
-      return out[0], block_variables["batch_stats"]
+    def applier(block: Block):
+      def apply_block(block_variables, h, block_xs):
+        out = block.apply(block_variables, h, block_xs, mutable=mutable)
+        if mutable:
+          (h, _), state = out
+          return h, state["batch_stats"]
+        return out[0], block_variables["batch_stats"]
+      return jax.checkpoint(apply_block) if self.remat else apply_block
 
-    if self.remat:
-      apply_block = jax.checkpoint(apply_block)
+    apply_block = applier(Block(**block_kwargs, parent=None))
+    plain_block = apply_block
+    if plain_policy is not None:
+      plain_block = jax.checkpoint(apply_block, policy=plain_policy)
+    # Compaction's survivors run inside conditionals, whose forward pass a policy around
+    # the whole block would recompute as well: their branches carry the policy instead.
+    compact_block = applier(Block(**block_kwargs, plain_branch_policy=plain_policy,
+                                  parent=None))
 
-    def scan_run(h, run_variables, run_xs, unroll):
-      return jax.lax.scan(lambda h, v_xs: apply_block(v_xs[0], h, v_xs[1]), h,
+    def scan_run(h, run_variables, run_xs, unroll, block_fn=apply_block):
+      return jax.lax.scan(lambda h, v_xs: block_fn(v_xs[0], h, v_xs[1]), h,
                           (run_variables, run_xs), unroll=unroll)
 
     new_stats = []
@@ -366,10 +380,10 @@ class ResNet(nn.Module):
       # A masked block always runs: its stage unrolls like a plain one.
       unroll = self._unroll(hi - lo, gated=bool(gated[lo]) and self.stage_skip() != "mask")
       if not gated[lo]:
-        x, stats = scan_run(x, run_variables, run_xs, unroll)
+        x, stats = scan_run(x, run_variables, run_xs, unroll, plain_block)
       elif self.stage_skip() == "compact":
         x, stats = compaction.run_stage(
-            lambda v, h, p: apply_block(v, h, {"prob": p, "gate": True}),
+            lambda v, h, p: compact_block(v, h, {"prob": p, "gate": True}),
             run_variables, x, xs["gate"][lo:hi], xs["prob"][lo:hi], unroll=unroll)
       else:
         x, stats = scan_run(x, run_variables, {**run_xs, "gate": xs["gate"][lo:hi]},

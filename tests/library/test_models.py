@@ -130,9 +130,9 @@ def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(patt
 
 
 def test_constant_depth_computes_what_every_gate_open_computes():
-  """The plain network (p_L = 1: no gate, no conditional, its branches saving for the
+  """The plain network (p_L = 1: no gate, no conditional, each whole block saving for the
   backward pass what `sdnet.backend.branch_policy` says) gives the logits, gradients and
-  statistics of the stochastic network with every gate open."""
+  statistics of the stochastic network with every gate open (whose branches save it)."""
   plain_model = models.CifarResNet20(p_last=1.0)
   plain = jax.jit(lambda v: train_step_outputs(plain_model, v, None))(resnet20_variables())
   helpers.assert_trees_close(plain, resnet20_outputs("cond", (1,) * 9),
