@@ -20,6 +20,8 @@ PyTorch: `torch.profiler` over the same number of steps; each operator's self ti
 a category by its name (`torch_category`); `aten::convolution_backward` computes both
 gradients of a convolution in one call, so PyTorch has one "conv gradients" row.
 
+CPU only: on a GPU or TPU the device's own trace lines hold the work (XProf reads them).
+
 Variants: "constant" (p_L = 1, no gate), "open" / "closed" (every gate forced,
 `timing.ForcedGates`), "SD" (p_L = --p_last, `skip="auto"`). benchmarks/README.md keeps the
 figures.
@@ -222,6 +224,11 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    raise app.UsageError(
+        f"step_profile reads XLA:CPU's thread events; this is {jax.default_backend()}. "
+        "On a GPU or TPU open the trace of jax.profiler.trace in XProf (TensorBoard's "
+        "profile plugin), which has the device's op-level view.")
   print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}; "
         f"{FLAGS.repeats} traced steps per variant")
   results = {}
