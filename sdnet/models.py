@@ -116,7 +116,8 @@ class ProjectionShortcut(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return self.norm()(self.conv(self.features, (1, 1), (self.strides,) * 2)(x))
+    # Named so that a policy around the whole block keeps it (`backend.branch_policy`).
+    return self.norm()(_named(self.conv(self.features, (1, 1), (self.strides,) * 2)(x)))
 
 
 class Block(nn.Module):

@@ -129,6 +129,27 @@ def test_skipping_gives_the_mask_references_logits_gradients_and_statistics(patt
                              resnet20_outputs("mask", tuple(pattern)), rtol=2e-5, atol=2e-5)
 
 
+def test_imagenet_constant_depth_computes_what_every_gate_open_computes():
+  """The bottleneck network too: its transitions' projection shortcuts sit inside the
+  plain block's policy, outside the gated branch's."""
+  images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  plain_model = models.ImageNetResNet(14, num_classes=5, p_last=1.0)
+  gated_model = models.ImageNetResNet(14, num_classes=5, skip="cond")
+  variables = plain_model.init(jax.random.key(0), images)
+
+  def outputs(model, gates):
+    def loss(params):
+      logits, state = model.apply({"params": params,
+                                   "batch_stats": variables["batch_stats"]}, images,
+                                  train=True, gates=gates, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(logits)), (logits, state["batch_stats"])
+    grads, (logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+    return logits, grads, stats
+  helpers.assert_trees_close(jax.jit(lambda: outputs(plain_model, None))(),
+                             jax.jit(lambda: outputs(gated_model, jnp.ones(4, bool)))(),
+                             rtol=1e-4, atol=1e-4)  # gradients of up to ~100: rounding
+
+
 def test_constant_depth_computes_what_every_gate_open_computes():
   """The plain network (p_L = 1: no gate, no conditional, each whole block saving for the
   backward pass what `sdnet.backend.branch_policy` says) gives the logits, gradients and
