@@ -141,27 +141,34 @@ def shared_time(intervals, category_of) -> dict[str, float]:
   return totals
 
 
+def trace_events(variant, repeats: int) -> tuple[list[tuple[int, int, str]], list[float]]:
+  """The XLA:CPU thread events of `repeats` calls of `variant`'s compiled step, as
+  (start_ns, duration_ns, name), and each call's wall time in seconds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      wall = [timing.run_variant(variant, 1, 1) for _ in range(repeats)]
+    [path] = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+    # An event is named after its instruction, a custom call's with its target appended:
+    # "custom-call.7.clone__onednn$convolution".
+    events = [(e.start_ns, e.duration_ns, e.name.split("__")[0])
+              for plane in profile.planes for line in plane.lines
+              if line.name.startswith("tf_XLA") for e in line.events]
+  return events, wall
+
+
 def jax_breakdown(variant, repeats: int) -> dict[str, float]:
   """{category: ms per step} of `variant`'s compiled step (module doc), with "wall" (the
   median step) and "busy" (the categories' sum: the time a thunk ran)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from benchmarks import timing  # pylint: disable=g-import-not-at-top
   table = instructions(variant["fn"].as_text())
-  directory = tempfile.mkdtemp()
-  with jax.profiler.trace(directory):
-    wall = [timing.run_variant(variant, 1, 1) for _ in range(repeats)]
-  [path] = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
-  profile = jax.profiler.ProfileData.from_file(path)
-  # An event is named after its instruction, a custom call's with its target appended:
-  # "custom-call.7.clone__onednn$convolution".
-  events = [(e.start_ns, e.duration_ns, e.name.split("__")[0])
-            for plane in profile.planes for line in plane.lines
-            if line.name.startswith("tf_XLA") for e in line.events]
+  events, wall = trace_events(variant, repeats)
   # Thunks only (the runtime's own events are not instructions), and of control flow
   # only the bodies.
   intervals = [i for i in thunk_intervals(events)
                if i[2] in table and table[i[2]][0] not in _CONTROL_FLOW]
-  totals = shared_time(intervals, lambda name: categorize(name, *table.get(name, ("", ""))))
+  totals = shared_time(intervals, lambda name: categorize(name, *table[name]))
   breakdown = {c: totals[c] / 1e6 / repeats for c in CATEGORIES}
   return {**breakdown, "busy": sum(breakdown.values()),
           "wall": float(np.median(wall)) * 1e3}

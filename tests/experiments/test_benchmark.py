@@ -236,22 +236,13 @@ def test_the_profile_ends_an_asynchronous_thunk_at_its_end_event_and_splits_over
 
 def test_the_profile_knows_every_instruction_the_compiled_step_runs():
   """Each traced thunk (an event with an "end: <name>" event) names an instruction of the
-  program, on both JAX versions,
-  the convolutions' three kernels and the update get time, and the categories add up to
-  the time a thunk ran, which the step's wall time bounds."""
-  import glob
-  import tempfile
-  import jax
+  program, on both JAX versions; the convolutions' three kernels and the update get time,
+  and the categories add up to the time a thunk ran, which the step's wall time bounds."""
   from benchmarks import step_profile
   variant = timing.make_variant(8, 8, 0.5, "auto", 1)
   table = step_profile.instructions(variant["fn"].as_text())
-  directory = tempfile.mkdtemp()
-  with jax.profiler.trace(directory):
-    timing.run_variant(variant, 1, 1)
-  [path] = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
-  names = {e.name.split("__")[0] for plane in jax.profiler.ProfileData.from_file(path).planes
-           for line in plane.lines if line.name.startswith("tf_XLA") for e in line.events}
-  thunks = {n[len("end: "):] for n in names if n.startswith("end: ")}
+  events, _ = step_profile.trace_events(variant, 1)
+  thunks = {name[len("end: "):] for _, _, name in events if name.startswith("end: ")}
   assert len(thunks) > 50 and thunks <= set(table), sorted(thunks - set(table))[:5]
   breakdown = step_profile.jax_breakdown(variant, 2)
   for category in ("conv forward", "conv input gradient", "conv kernel gradient", "update"):
