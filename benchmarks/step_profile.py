@@ -266,5 +266,7 @@ if __name__ == "__main__":
   common.define_flags()
   flags.DEFINE_list("variants", ["constant", "open", "SD"],
                     f"Library variants to profile, of {list(VARIANTS)}.")
+  flags.register_validator("variants", lambda names: set(names) <= set(VARIANTS),
+                           f"--variants takes names of {list(VARIANTS)}, comma-separated.")
   flags.DEFINE_bool("torch", False, "Also profile PyTorch eager's full and SD steps.")
   app.run(main)
