@@ -36,11 +36,12 @@ class Evaluator:
 
   def __call__(self, state, split: str) -> dict:
     """`steps.summarize` of `split`: mean loss and error (and top-5 error)."""
-    totals = None
+    totals = None  # per device
     for batch in self.source.eval_batches(split, self.batch_size, self.shard):
       sums = self.step(state, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return steps.summarize(jax.device_get(jax_utils.unreplicate(totals)))
+    return steps.summarize(jax.device_get(jax_utils.unreplicate(
+        steps.sum_over_devices(totals))))
 
 
 class Evaluations:

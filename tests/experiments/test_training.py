@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 
+from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +19,11 @@ from experiments.data import batching
 from experiments.data import in_memory
 from experiments.data import on_device
 from experiments.data import synthetic
+from experiments.training import evaluation
 from experiments.training import loop
 from experiments.training import recipe
+from experiments.training import setup as setup_lib
+from experiments.training import steps
 from tests import helpers
 
 CONFIGS = [("paper", f"{run}{variant}") for run in paper.RUNS for variant in ("", ",constant")
@@ -167,6 +171,28 @@ def test_end_to_end_on_an_image_folder_with_4_devices(tmp_path):
   assert os.listdir(tmp_path / "run" / "tensorboard")
   assert os.listdir(tmp_path / "run" / "best")
   assert run.state.step == 8 and run.results.to_json() == saved
+
+
+def test_an_evaluation_over_4_devices_counts_every_example_once_without_a_collective():
+  """16 test examples in batches of 12 (the second one padded) over 4 devices sum to what
+  one forward pass over the split gives, and the compiled eval step has no collective
+  (with one, jax 0.10.2's XLA:CPU hung: `steps.sum_over_devices`)."""
+  source = tiny_dataset()
+  setup = setup_lib.Setup.of(tiny_config(), source)
+  state = steps.create_train_state(setup.model, setup.tx, source.image_shape, seed=3)
+  evaluate = evaluation.Evaluator(setup.eval_model, source, batch_size=12)
+  replicated = jax_utils.replicate(state)
+  evaluate.compile(replicated)
+  assert jax.local_device_count() == 4 and "all-reduce" not in evaluate.step.as_text()
+  summary = evaluate(replicated, "test")
+  images, labels = source.test.images, source.test.labels
+  logits = setup.eval_model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                  source.preprocess({"images": images, "labels": labels},
+                                                    None), train=False)
+  assert summary["count"] == 16 == len(labels)
+  assert summary["error"] == float(np.mean(np.argmax(logits, -1) != labels))
+  assert summary["loss"] == pytest.approx(float(jnp.mean(steps.cross_entropy(logits, labels))),
+                                          rel=1e-5)
 
 
 def test_image_folder_errors_name_the_layout(tmp_path):
