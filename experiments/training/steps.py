@@ -202,12 +202,15 @@ def make_eval_step(model, *, preprocess: Preprocess, top5: bool = False):
 def sum_over_devices(tree):
   """Each leaf summed over every device of every process, replicated.
 
-  A program of its own, called once per evaluation, rather than the eval step's last
-  instruction: on jax 0.10.2's XLA:CPU (4 host devices, 2 cores) an eval step ending in
-  this all-reduce hung in 3 of 3 runs of 60 evaluations, and a test that evaluates twice in
-  8 of 110 runs: three devices waited in the all-reduce on the Eigen threads that had run
-  their convolutions, the fourth device's launch waited in PjRt for a semaphore, and XLA
-  aborted the process after 40 s ("Termination timeout for all reduce"). With the sum
+  A program of its own, called once per evaluation after the eval steps, rather than the
+  eval step's last instruction. PjRt's CPU client launches a program with a collective
+  from its worker threads, one without (the evaluation's additions) from the caller, and
+  lets 32 programs per device be in flight. With the all-reduce in the eval step, the
+  threads' stacks of a hung run showed three devices waiting in the all-reduce and the
+  fourth device's launch waiting for its in-flight places (taken, as it reads, by the
+  additions waiting for that very step); after 40 s XLA aborted the process ("Termination
+  timeout for all reduce"). On jax 0.10.2, 4 host devices and 2 cores, that hung 3 of 3
+  runs of 60 evaluations and 8 of 110 runs of a test that evaluates twice; with the sum
   apart, 9 runs of 100 evaluations did not hang. `tests/experiments/test_training.py`
   guards that the eval step keeps no collective.
   """
