@@ -20,9 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache per test process, which its subprocesses inherit: the
 # many runs of the same tiny config, in-process and as programs, compile each program
 # once. Not one for all xdist workers: JAX writes an entry in place (no temporary file
-# and rename) and reads it without a lock, and two workers compiling and loading the same
-# programs at once have crashed a worker (XLA aborted in a compiled call, and xdist then
-# hung the run).
+# and rename) and reads it without a lock. (The worker abort once blamed on a shared
+# cache, in test_compatibility's evaluation, was the eval step's hang that
+# `experiments.training.steps.sum_over_devices` describes.)
 _MADE_HERE = "SDNET_TEST_JAX_CACHE_MADE"  # set where the cache directory is the tests' own
 if ("JAX_COMPILATION_CACHE_DIR" not in os.environ or
     os.environ.get(_MADE_HERE) and "PYTEST_XDIST_WORKER" in os.environ):
