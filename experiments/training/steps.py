@@ -211,7 +211,7 @@ def sum_over_devices(tree):
   additions waiting for that very step); after 40 s XLA aborted the process ("Termination
   timeout for all reduce"). On jax 0.10.2, 4 host devices and 2 cores, that hung 3 of 3
   runs of 60 evaluations and 8 of 110 runs of a test that evaluates twice; with the sum
-  apart, 9 runs of 100 evaluations did not hang. `tests/experiments/test_training.py`
+  apart, 8 runs of 100 evaluations did not hang. `tests/experiments/test_training.py`
   guards that the eval step keeps no collective.
   """
   return jax.lax.psum(tree, AXIS)
