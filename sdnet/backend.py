@@ -139,14 +139,28 @@ def unroll_stages(length: int, remat: bool, gated: bool = False) -> int | bool:
   block always runs, so its stage counts as plain).
 
   CPU  gated stages of up to 64 blocks unroll (measured: 0.79-0.82 of the rolled SD
-       step at ResNet-56 and -110); plain stages roll (their branches saving only the
-       convolutions' outputs, unrolled measured no faster and compiles 2-4x longer; the
-       rolled loop's copies cost 12-21% of the step, but unrolled on jax 0.10.2, XLA
-       fuses BatchNorm's backward into the kernel gradients' transposes; see
-       `benchmarks.step_profile` in benchmarks/README.md).
+       step at ResNet-56 and -110). Plain stages of up to 64 blocks unroll where XLA
+       keeps an `optimization_barrier` out of its fusions (jax 0.12: 0.95-0.98 of the
+       rolled step, which spends ~10% of it zeroing and copying the scan's stacked
+       residuals), and roll where it does not (jax 0.10.2: XLA then fuses the
+       recomputation of every earlier block into the kernel gradients' transposes, 1.9x
+       the step); `_fuses_through_barriers` asks this XLA. See `benchmarks.backend_choices`
+       in benchmarks/README.md.
   Elsewhere, or with remat: a real loop (unrolled, XLA merges the recomputation with the
   forward pass and remat saves no memory).
   """
-  if remat or platform() != "cpu":
+  if remat or platform() != "cpu" or length > 64:
     return 1
-  return True if gated and length <= 64 else 1
+  return True if gated or not _fuses_through_barriers() else 1
+
+
+@functools.cache
+def _fuses_through_barriers() -> bool:
+  """Whether this XLA:CPU fuses an elementwise producer into a transpose across an
+  `optimization_barrier` (the barrier is dropped before fusion: jax 0.10.2)."""
+  def program(x):
+    y = jnp.maximum(x * 2.0 + 1.0, 0.0)
+    return y, jax.lax.transpose(jax.lax.optimization_barrier(y), (1, 0))
+  text = jax.jit(program).lower(jax.ShapeDtypeStruct((8, 16), jnp.float32)).compile().as_text()
+  fused = [c for c in text.split("\n\n") if "maximum(" in c and "transpose(" in c]
+  return bool(fused)

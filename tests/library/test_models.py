@@ -1,4 +1,5 @@
 import functools
+import re
 import time
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdnet import models, survival
+from sdnet import backend, models, survival
 from tests import helpers
 
 X = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
@@ -280,3 +281,31 @@ def test_row_mode_trains_with_per_example_gates():
   assert out.shape == (4, 10)
   with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
     model.apply(v, X, train=True, gates=jnp.ones(3, bool), mutable=["batch_stats"])
+
+
+def kernel_gradient_transpose_reads(text: str) -> list[int]:
+  """For every fused transpose of a kernel gradient (`sdnet.conv`) in a compiled
+  program's text, how many buffers it reads."""
+  fusions = re.finditer(r"= f32\[[^\]]*\]\{[^}]*\} fusion\(([^)]*)\)[^\n]*"
+                        r"kernel_gradient[^\n]*transpose\"", text)
+  return [len(re.findall(r"%[\w.\-]+", f.group(1))) for f in fusions]
+
+
+def test_plain_stages_unroll_only_where_xla_keeps_the_recomputation_out_of_transposes():
+  """`backend.unroll_stages` unrolls a plain stage where this XLA keeps an
+  optimization barrier out of its fusions: there a kernel gradient's transposes of an
+  unrolled plain ResNet-20 each read one buffer; where it does not (jax 0.10.2), some
+  recompute earlier blocks from their convolutions' outputs (many buffers), and the
+  stages stay loops."""
+  def compiled_gradient(model):
+    loss, args = helpers.abstract_train_loss(model)
+    return jax.jit(jax.grad(loss)).lower(*args).compile(
+        compiler_options=backend.compiler_options()).as_text()
+  unrolled = kernel_gradient_transpose_reads(
+      compiled_gradient(models.CifarResNet20(p_last=1.0, scan_unroll=True)))
+  assert unrolled
+  recomputes = max(unrolled) > 2
+  assert backend._fuses_through_barriers() == recomputes
+  loss, args = helpers.abstract_train_loss(models.CifarResNet20(p_last=1.0))
+  loops = jax.jit(jax.grad(loss)).lower(*args).as_text().count("stablehlo.while")
+  assert (loops > 0) == recomputes
