@@ -8,8 +8,8 @@ gate open computes, without the conditionals; it must not be slower. Variants:
   plain             today's choices (`backend.branch_policy`, `backend.unroll_stages`)
   plain keeps all   its branches keep every residual for the backward pass (no remat
                     policy; on CPU today they keep only their convolutions' outputs)
+  plain rolled      its stages run as loops (`lax.scan`, one block per iteration)
   plain unrolled    its stages' scans fully unrolled, as a gated stage's
-  plain both        both (the CPU choice before 2026-12-05, on jax 0.12)
   open              the stochastic network with every gate forced open (`ForcedGates`)
 Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
 table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
@@ -18,6 +18,7 @@ table's "/open" column is the ratio to "open". benchmarks/README.md keeps the fi
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from absl import app
 from absl import flags
@@ -32,23 +33,26 @@ FLAGS = flags.FLAGS
 
 
 @contextlib.contextmanager
-def choices(keeps_all: bool, unrolled: bool):
+def choices(keeps_all: bool, unrolled: bool | None):
   """Today's `sdnet.backend` choices for plain branches and stages, with a plain branch
-  keeping every residual (no remat policy) and/or a plain stage's scan fully unrolled,
-  while a variant is traced and compiled."""
+  keeping every residual (no remat policy) and/or a plain stage's scan fully unrolled
+  (True) or rolled (False) instead of as `backend.unroll_stages` says (None), while a
+  variant is traced and compiled."""
   policy, unroll = backend.branch_policy, backend.unroll_stages
   if keeps_all:
     backend.branch_policy = lambda name, gated: policy(name, gated) if gated else None
-  if unrolled:
-    backend.unroll_stages = lambda length, remat, gated=False: unroll(length, remat, True)
+  if unrolled is not None:
+    backend.unroll_stages = lambda length, remat, gated=False: (
+        unroll(length, remat, gated) if gated else unroll(length, remat, True) if unrolled
+        else 1)
   try:
     yield
   finally:
     backend.branch_policy, backend.unroll_stages = policy, unroll
 
 
-VARIANTS = {"plain": (False, False), "plain keeps all": (True, False),
-            "plain unrolled": (False, True), "plain both": (True, True)}
+VARIANTS = {"plain": (False, None), "plain keeps all": (True, None),
+            "plain rolled": (False, False), "plain unrolled": (False, True)}
 
 
 def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:
@@ -59,9 +63,10 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
       with choices(*VARIANTS[name]):
         made[name] = timing.make_variant(depth, batch, 1.0, "auto", 1)
     made["open"] = timing.make_variant(depth, batch, 0.5, "auto", 1, forced_gates=True)
-    for _ in range(repeats):
-      for variant in made.values():
-        variant["times"].append(timing.run_variant(variant, calls, 1))
+    times = common.interleave({name: functools.partial(timing.run_variant, v, calls, 1)
+                               for name, v in made.items()}, repeats)
+    for name, variant in made.items():
+      variant["times"] = times[name]
     base = np.median(made["plain"]["times"])
     case_rows = [common.row(depth, batch, name, v["times"], base, v["compile_s"],
                             v["memory_gib"]) for name, v in made.items()]
