@@ -27,6 +27,21 @@ def cases(specs, small=False, family="cifar"):
   return [tuple(int(v) for v in spec.split(":")) for spec in specs]
 
 
+def interleave(runs: dict, repeats: int) -> dict[str, list[float]]:
+  """{name: seconds per step of each repetition} from `runs` ({name: a function timing
+  one step of that variant}): every repetition times each variant once, in turn, and
+  starts one variant later than the one before (repetition r runs variants r, r + 1,
+  ... mod n), so that drifting clocks hit all of them alike and no variant always runs
+  first (the first of a repetition measured up to ~2% slower: benchmarks/README.md)."""
+  names = list(runs)
+  times = {name: [] for name in names}
+  for repetition in range(repeats):
+    start = repetition % len(names)
+    for name in names[start:] + names[:start]:
+      times[name].append(runs[name]())
+  return times
+
+
 def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib,
         family="cifar"):
   """One result row from a variant's per-repetition step times (seconds)."""

@@ -2,11 +2,12 @@
 
 `measure` builds, for each (depth, batch), constant depth and stochastic depth per skip
 method with the one builder the training loop uses (`experiments.training.steps`), compiles
-them ahead of time, times them interleaved (every repetition runs each variant once in
-turn, so drifting clocks hit all of them alike) and returns one `common.row` per variant.
+them ahead of time, times them interleaved (`common.interleave`: every repetition runs
+each variant once in turn, from a rotating start) and returns one `common.row` per variant.
 `input_images_per_s` times the input pipeline alone (`benchmarks.input_pipeline`).
 """
 
+import functools
 import time
 
 from flax import jax_utils
@@ -23,12 +24,15 @@ from experiments.training import steps
 
 
 class ForcedGates:
-  """`model` whose training gates are all open (or all closed), drawn from the step's key
-  as Bernoulli(1) (or Bernoulli(0)) draws: traced values, so the compiled program keeps
-  every conditional of a stochastic network and XLA cannot fold them away."""
+  """`model` whose training gates are forced: every gate open (`open_blocks=True`),
+  every gate closed (False), or open where a sequence of one bool per block says, drawn
+  from the step's key as Bernoulli(1) and Bernoulli(0) draws: traced values, so the
+  compiled program keeps every conditional of a stochastic network and XLA cannot fold
+  them away."""
 
-  def __init__(self, model, is_open: bool):
-    self.model, self.is_open = model, is_open
+  def __init__(self, model, open_blocks):
+    self.model = model
+    self.probs = np.broadcast_to(np.asarray(open_blocks, np.float32), (model.num_blocks,))
 
   def init(self, *args, **kwargs):
     return self.model.init(*args, **kwargs)
@@ -36,7 +40,7 @@ class ForcedGates:
   def apply(self, variables, x, train=False, *, key=None, **kwargs):
     if not train:
       return self.model.apply(variables, x, **kwargs)
-    gates = jax.random.bernoulli(key, float(self.is_open), (self.model.num_blocks,))
+    gates = jax.random.bernoulli(key, jnp.asarray(self.probs))
     return self.model.apply(variables, x, train=True, gates=gates, **kwargs)
 
 
@@ -85,7 +89,8 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
                  remat=False, forced_gates=None, compile_only=False, family="cifar",
                  image_size=224):
   """A compiled step function and its donated state, as the experiments build them
-  (`forced_gates`: True/False forces every gate open/closed, see ForcedGates)."""
+  (`forced_gates`: True/False forces every gate open/closed, a sequence of one bool per
+  block each gate, see ForcedGates)."""
   config = step_config(family, depth, batch, p_last, skip, dtype=dtype, remat=remat)
   devices = jax.local_device_count()
   shape = (devices, steps_per_call, batch // devices)
@@ -154,9 +159,11 @@ def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
     if forced_gates:
       for name, is_open in (("SD open", True), ("SD closed", False)):
         variants[name] = make(p_last, "auto", forced_gates=is_open)
-    for _ in range(0 if compile_only else repeats):
-      for variant in variants.values():
-        variant["times"].append(run_variant(variant, calls, steps_per_call))
+    times = common.interleave(
+        {name: functools.partial(run_variant, variant, calls, steps_per_call)
+         for name, variant in variants.items()}, 0 if compile_only else repeats)
+    for name, variant in variants.items():
+      variant["times"] = times[name]
     base = np.median(variants["constant"]["times"] or [np.nan])
     case_rows = [common.row(depth, batch, name, variant["times"], base,
                             variant["compile_s"], variant["memory_gib"], family)

@@ -149,9 +149,10 @@ def main(argv):
     variants = torch_variants(depth, batch, device)
     if FLAGS.beside_jax:
       variants.update(jax_variants(depth, batch))
-    for _ in range(FLAGS.repeats):  # every variant once per repetition, in turn
-      for variant, run in variants.values():
-        variant["times"].append(run())
+    times = common.interleave({label: run for label, (_, run) in variants.items()},
+                              FLAGS.repeats)
+    for label, (variant, _) in variants.items():
+      variant["times"] = times[label]
     base = np.median(variants["torch full"][0]["times"])
     for label, (variant, _) in variants.items():
       memory = variant.get("memory") if device.type == "cuda" else None

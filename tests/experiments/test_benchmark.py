@@ -1,10 +1,12 @@
 """The benchmark times the training loop's own step."""
+import functools
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -112,6 +114,19 @@ def test_benchmark_and_training_loop_build_their_step_with_the_same_builder(tmp_
   loop.train_and_evaluate(tiny_config(halt_after_steps=1), str(tmp_path),
                           source=tiny_dataset())
   assert len(built) == 3
+
+
+def test_interleaving_runs_every_variant_once_per_repetition_from_a_rotating_start():
+  calls = []
+  def run(name):
+    calls.append(name)
+    return float(len(calls))
+  times = common.interleave({n: functools.partial(run, n) for n in "abc"}, repeats=6)
+  assert calls == list("abc" "bca" "cab" "abc" "bca" "cab")
+  # Each variant ran first, second and third twice; its times are its own runs'.
+  assert times == {"a": [1.0, 6.0, 8.0, 10.0, 15.0, 17.0],
+                   "b": [2.0, 4.0, 9.0, 11.0, 13.0, 18.0],
+                   "c": [3.0, 5.0, 7.0, 12.0, 14.0, 16.0]}
 
 
 def test_input_pipeline_rate_counts_every_image_it_moved():
@@ -266,3 +281,29 @@ def test_the_profile_knows_every_instruction_the_compiled_step_runs():
 def test_the_profile_puts_each_pytorch_operator_in_its_category(op, ancestors, category):
   from benchmarks import step_profile
   assert step_profile.torch_category(op, ancestors) == category
+
+
+def test_forced_gates_give_the_model_exactly_the_pattern_asked_for():
+  class Recorder:
+    num_blocks = 5
+    def apply(self, variables, x, train=False, **kwargs):
+      return kwargs["gates"]
+  pattern = [True, False, True, True, False]
+  for key in range(3):
+    gates = timing.ForcedGates(Recorder(), pattern).apply({}, None, train=True,
+                                                          key=jax.random.key(key))
+    assert gates.tolist() == pattern
+  every = timing.ForcedGates(Recorder(), False).apply({}, None, train=True,
+                                                      key=jax.random.key(0))
+  assert every.tolist() == [False] * 5
+
+
+def test_the_expected_sd_step_subtracts_each_blocks_drop_probability_times_its_saving():
+  from benchmarks import expected_depth
+  medians = {"open": 100.0, "stage1 closed": 80.0, "stage2 closed": 90.0}
+  probs = np.array([1.0, 0.75, 0.5, 0.25])  # stages of two blocks
+  out = expected_depth.expected_step(medians, (2, 2), probs)
+  assert out["saving_stage1"] == 10.0 and out["saving_stage2"] == 5.0
+  assert out["expected SD"] == 100.0 - (0.0 + 0.25) * 10.0 - (0.5 + 0.75) * 5.0
+  sizes, p = expected_depth.stage_blocks(20, 0.5)
+  assert sizes == (3, 3, 3) and p[-1] == 0.5 and np.all(np.diff(p) < 0)
