@@ -67,7 +67,7 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
                                for name, v in made.items()}, repeats)
     for name, variant in made.items():
       variant["times"] = times[name]
-    base = np.median(made["plain"]["times"])
+    base = np.median(made["plain" if "plain" in made else "open"]["times"])
     case_rows = [common.row(depth, batch, name, v["times"], base, v["compile_s"],
                             v["memory_gib"]) for name, v in made.items()]
     rows += common.with_ratio_to(case_rows, "open")
@@ -77,7 +77,8 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
 def main(argv):
   del argv
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
-  rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls)
+  rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls,
+                 tuple(FLAGS.variants))
   print(common.format_table(rows))
   if FLAGS.out:
     common.write_json(FLAGS.out, {"jax": jax.__version__, "rows": rows})
@@ -85,4 +86,8 @@ def main(argv):
 
 if __name__ == "__main__":
   common.define_flags()
+  flags.DEFINE_list("variants", list(VARIANTS), f"Plain variants to time beside the open "
+                    f"network, of {list(VARIANTS)}.")
+  flags.register_validator("variants", lambda names: set(names) <= set(VARIANTS),
+                           f"--variants takes names of {list(VARIANTS)}, comma-separated.")
   app.run(main)
