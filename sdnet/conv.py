@@ -146,7 +146,9 @@ def kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, pads, precision
   # Without the barrier XLA fuses the elementwise producers of x and dy (BatchNorm's
   # backward) into the transposes below, which then read six inputs in a cache-hostile
   # order: a plain unrolled ResNet-56 step took 1635 ms with the fusion, 1220 without
-  # (jax 0.12); steps of rolled stages and of skipped blocks were unchanged.
+  # (jax 0.12); steps of rolled stages and of skipped blocks were unchanged. jax 0.10.2's
+  # XLA:CPU drops the barrier before it fuses, so there plain stages stay loops
+  # (`backend.unroll_stages`).
   x, dy = lax.optimization_barrier((x, dy))
   chunk = batch_chunk(x.shape[0])
   parts = [_kernel_gradient(x[i:i + chunk], dy[i:i + chunk], kernel_shape, strides, pads,
