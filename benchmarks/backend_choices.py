@@ -76,6 +76,7 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
 
 def main(argv):
   del argv
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls,
                  tuple(FLAGS.variants))

@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import timing
+from sdnet import backend
 from experiments.training import recipe
 
 FLAGS = flags.FLAGS
@@ -91,6 +92,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows, summaries = [], []
   for depth, batch in common.cases(FLAGS.cases, FLAGS.small):

@@ -229,6 +229,8 @@ def format_breakdowns(columns: dict[str, dict[str, float]]) -> str:
 
 def main(argv):
   del argv
+  from sdnet import backend  # pylint: disable=g-import-not-at-top
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import timing  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":

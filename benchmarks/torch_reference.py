@@ -26,6 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from benchmarks import common
+from sdnet import backend
 
 FLAGS = flags.FLAGS
 
@@ -135,6 +136,7 @@ def jax_variants(depth, batch) -> dict:
 
 def main(argv):
   del argv
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.backends.cudnn.benchmark = True
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -35,6 +35,7 @@ import jax
 
 from benchmarks import common
 from benchmarks import timing
+from sdnet import backend
 
 FLAGS = flags.FLAGS
 common.define_flags()
@@ -54,6 +55,7 @@ flags.DEFINE_integer("image_size", 224, "ImageNet: the crop size the step trains
 
 def main(argv):
   del argv
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()})")
   if jax.default_backend() == "cpu":

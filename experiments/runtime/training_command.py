@@ -28,6 +28,7 @@ from experiments.runtime import multihost
 from experiments.runtime import session
 from experiments.runtime import signals
 from experiments.runtime import workdir as workdir_lib
+from sdnet import backend
 
 FLAGS = flags.FLAGS
 
@@ -68,6 +69,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries(not FLAGS.library_logs)
+  backend.keep_freed_host_memory()  # before JAX starts its threads
   try:
     multihost.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id,
