@@ -50,6 +50,7 @@ def test_a_step_no_longer_page_faults_its_temporaries_in_again():
   assert kept == "True"
   faults_default = faults_per_step()  # this process keeps glibc's defaults
   # The default allocator gives large freed chunks back and faults them in every step
-  # (measured 10-15 thousand pages here; 0 and ~2600 kept, jax 0.12.1 and 0.10.2).
-  assert faults_default > 4096 and int(faults_kept) * 4 < faults_default, (
+  # (measured 10-15 thousand pages here; kept 0 on jax 0.12.1, 2600-5500 on jax 0.10.2,
+  # some of whose threads hold an arena before the backend starts).
+  assert faults_default > 4096 and int(faults_kept) * 2 < faults_default, (
       faults_default, faults_kept)
