@@ -51,6 +51,6 @@ def test_a_step_no_longer_page_faults_its_temporaries_in_again():
   faults_default = faults_per_step()  # this process keeps glibc's defaults
   # The default allocator gives large freed chunks back and faults them in every step
   # (measured 10-15 thousand pages here; kept 0 on jax 0.12.1, 2600-5500 on jax 0.10.2,
-  # some of whose threads hold an arena before the backend starts).
+  # where not every freed chunk stays: why is not known).
   assert faults_default > 4096 and int(faults_kept) * 2 < faults_default, (
       faults_default, faults_kept)
