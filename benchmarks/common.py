@@ -1,6 +1,10 @@
 """What the benchmarks share: their common flags, one row schema, one text table."""
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 
 from absl import flags
 import numpy as np
@@ -17,6 +21,10 @@ def define_flags():
   flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
   flags.DEFINE_float("p_last", 0.5, "p_L of the stochastic-depth variants.")
   flags.DEFINE_string("out", "", "Write the rows as JSON here.")
+  flags.DEFINE_integer("processes", 1, "Measure in this many processes, one after "
+                       "another, and report per variant the median over processes of each "
+                       "process's median and ratios, with the ratios' range: processes "
+                       "disagree by up to 15-20% on ratios near 1 (benchmarks/README.md).")
 
 
 def cases(specs, small=False, family="cifar"):
@@ -75,13 +83,19 @@ def network(r) -> str:
 
 def format_table(rows, setting_width=0):
   """The rows as an aligned text table (with a "setting" column when rows carry one):
-  "ratio" to constant depth, "/open" to every gate open."""
+  "ratio" to constant depth, "/open" to every gate open; rows merged over processes
+  (`merge_processes`) also show each ratio's range over processes, and their "spread" is
+  the range of the processes' medians."""
   setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
+  ranges = any(r.get("processes", 1) > 1 for r in rows)
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
            f"{'network':>12} {'batch':>5} {'variant':>15} {'median ms':>9} {'spread ms':>13} "
-           f"{'ratio':>6} {'/open':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}"]
+           f"{'ratio':>6} {'/open':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}" +
+           f" {'ratio range':>13} {'/open range':>13}" * ranges]
   def number(value, spec, width):
     return f"{'-' if value is None else format(value, spec):>{width}}"
+  def interval(values):
+    return f"{'-' if not values else f'{values[0]:.3f}-{values[1]:.3f}':>13}"
   for r in rows:
     spread = ("-" if r["min_ms"] is None else f"{r['min_ms']:6.2f}-{r['max_ms']:6.2f}")
     lines.append(
@@ -89,8 +103,63 @@ def format_table(rows, setting_width=0):
         f"{number(r['median_ms'], '.2f', 9)} {spread:>13} "
         f"{number(r['ratio_to_constant'], '.3f', 6)} "
         f"{number(r.get('ratio_to_open'), '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
-        f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}")
+        f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}" +
+        (f" {interval(r.get('ratio_to_constant_range'))} "
+         f"{interval(r.get('ratio_to_open_range'))}" if ranges else ""))
   return "\n".join(lines)
+
+
+def across_processes(module: str, processes: int, out: str = "") -> dict:
+  """Runs this program (`python -m module` with this process's arguments) `processes`
+  times, one after another, each writing its rows to a file of its own; prints the merged
+  table and returns (and writes to `out`, if given) the first run's JSON with the rows
+  merged (`merge_processes`) and every run's rows under "processes". A run that fails
+  stops it."""
+  argv = [a for a in sys.argv[1:] if not a.startswith(("--processes", "--out"))]
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for index in range(processes):
+      run_out = os.path.join(tmp, f"{index}.json")
+      print(f"[process {index + 1} of {processes}]", flush=True)
+      subprocess.run([sys.executable, "-m", module, *argv, "--processes=1",
+                      f"--out={run_out}"], check=True)
+      with open(run_out) as f:
+        runs.append(json.load(f))
+  result = {**runs[0], "rows": merge_processes([run["rows"] for run in runs]),
+            "processes": [run["rows"] for run in runs]}
+  print(f"\nmedians over {processes} processes, each ratio taken within its process:")
+  print(format_table(result["rows"]))
+  if out:
+    write_json(out, result)
+  return result
+
+
+def merge_processes(runs: list[list[dict]]) -> list[dict]:
+  """One row per variant from several processes' rows of the same variants: median over
+  processes of "median_ms", of each ratio and of "compile_s"; "min_ms"/"max_ms" the range
+  of the processes' medians; "<ratio>_range" [min, max] of each ratio; "processes" their
+  count. Ratios are taken within each process, so one process's clock cannot bias them."""
+  key = lambda r: (r.get("family"), r["depth"], r["batch"], r["variant"])
+  if len({tuple(map(key, rows)) for rows in runs}) != 1:
+    raise ValueError("the processes measured different variants: "
+                     f"{[[key(r) for r in rows] for rows in runs]}")
+  merged = []
+  for same in zip(*runs):
+    first = same[0]
+    value = lambda name: [r[name] for r in same if r.get(name) is not None]
+    median = lambda name: float(np.median(value(name))) if value(name) else None
+    row = {**first, "processes": len(runs), "median_ms": median("median_ms"),
+           "compile_s": median("compile_s")}
+    if value("median_ms"):
+      row.update(min_ms=min(value("median_ms")), max_ms=max(value("median_ms")),
+                 images_per_s=first["batch"] / (row["median_ms"] / 1e3))
+    for ratio in ("ratio_to_constant", "ratio_to_open"):
+      if ratio in first:
+        row[ratio] = median(ratio)
+        row[f"{ratio}_range"] = ([min(value(ratio)), max(value(ratio))]
+                                 if value(ratio) else None)
+    merged.append(row)
+  return merged
 
 
 def write_json(path: str, value) -> None:

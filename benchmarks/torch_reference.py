@@ -136,6 +136,9 @@ def jax_variants(depth, batch) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.processes > 1:
+    common.across_processes("benchmarks.torch_reference", FLAGS.processes, FLAGS.out)
+    return
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.backends.cudnn.benchmark = True

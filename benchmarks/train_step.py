@@ -3,6 +3,7 @@ r"""Times the real training step: constant depth vs stochastic depth, per skip m
   python -m benchmarks.train_step --out=bench.json              # ResNet-110/1202 table
   python -m benchmarks.train_step --cases=20:128,56:128,110:128 # the README's CPU table
   python -m benchmarks.train_step --small                       # a check of the script
+  python -m benchmarks.train_step --cases=110:128 --processes=5 # ratios over 5 processes
   python -m benchmarks.train_step --family=imagenet --cases=50:8,152:8  # ImageNet, 224 px
   python -m benchmarks.suite --out_dir=bench                    # every setting (GPU)
 
@@ -15,7 +16,11 @@ Reported: median ms per step, spread (min-max over repetitions), ratio to consta
 of the same network and batch, images/s, compile seconds, and the device memory the
 compiled step needs (XLA's buffer assignment: arguments + temporaries + outputs that do
 not alias a donated argument), which is the step's peak. --compile_only reports the last
-two alone, without allocating or running anything.
+two alone, without allocating or running anything. --processes=N measures N times, one
+process after another, and reports the median over processes of each one's ratios, with
+their range (`common.merge_processes`): ratios near 1 differ by up to 15-20% between
+processes on a 2-core CPU, so a claim that one variant is at least as fast as another
+needs several.
 
 Variants: "constant" is the plain network (p_L = 1: no gate, no conditional); "SD <skip>"
 trains with stochastic depth (p_L = --p_last, linear decay) skipped by <skip> ("auto" is
@@ -55,6 +60,9 @@ flags.DEFINE_integer("image_size", 224, "ImageNet: the crop size the step trains
 
 def main(argv):
   del argv
+  if FLAGS.processes > 1:
+    common.across_processes("benchmarks.train_step", FLAGS.processes, FLAGS.out)
+    return
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()})")

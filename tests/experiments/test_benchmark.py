@@ -307,3 +307,53 @@ def test_the_expected_sd_step_subtracts_each_blocks_drop_probability_times_its_s
   assert out["expected SD"] == 100.0 - (0.0 + 0.25) * 10.0 - (0.5 + 0.75) * 5.0
   sizes, p = expected_depth.stage_blocks(20, 0.5)
   assert sizes == (3, 3, 3) and p[-1] == 0.5 and np.all(np.diff(p) < 0)
+
+
+def test_rows_merged_over_processes_take_each_ratio_within_its_process():
+  def process(constant_s, sd_s, open_s):
+    rows = [common.row(110, 128, name, [s], constant_s, 1.0, 0.5)
+            for name, s in (("constant", constant_s), ("SD auto", sd_s), ("SD open", open_s))]
+    return common.with_ratio_to(rows, "SD open")
+  # The second process's clock runs 1.5x slower: its ratios still count as its own.
+  runs = [process(1.0, 0.8, 1.1), process(1.5, 1.29, 1.5), process(1.1, 0.9, 1.0)]
+  merged = common.merge_processes(runs)
+  assert [r["variant"] for r in merged] == ["constant", "SD auto", "SD open"]
+  constant, sd, _ = merged
+  assert sd["ratio_to_constant"] == pytest.approx(np.median([0.8, 0.86, 0.9 / 1.1]))
+  assert sd["ratio_to_constant_range"] == pytest.approx([0.8, 0.86])
+  assert constant["ratio_to_open"] == pytest.approx(1.0)
+  assert constant["ratio_to_open_range"] == pytest.approx([1.0 / 1.1, 1.1])
+  assert sd["median_ms"] == pytest.approx(900) and (sd["min_ms"], sd["max_ms"]) == (800, 1290)
+  assert sd["processes"] == 3 and sd["images_per_s"] == pytest.approx(128 / 0.9)
+  assert "ratio range" in common.format_table(merged)
+  with pytest.raises(ValueError, match="different variants"):
+    common.merge_processes([runs[0], runs[1][:2]])
+
+
+def test_a_measurement_across_processes_runs_the_program_once_per_process(tmp_path,
+                                                                          monkeypatch):
+  commands = []
+
+  def fake_run(argv, check):
+    assert check
+    commands.append(argv)
+    out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out="))
+    seconds = 1.0 + len(commands) / 10
+    rows = [common.row(20, 128, "constant", [seconds], seconds, 1.0, 0.5),
+            common.row(20, 128, "SD auto", [0.8 * seconds], seconds, 1.0, 0.5)]
+    with open(out, "w") as f:
+      json.dump({"jax": "x", "rows": rows}, f)
+
+  monkeypatch.setattr(common.subprocess, "run", fake_run)
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--cases=20:128", "--processes=3",
+                                    f"--out={tmp_path / 'ignored.json'}"])
+  out = tmp_path / "merged.json"
+  result = common.across_processes("benchmarks.train_step", 3, str(out))
+  assert len(commands) == 3 and len({c[-1] for c in commands}) == 3
+  for argv in commands:
+    assert argv[1:5] == ["-m", "benchmarks.train_step", "--cases=20:128", "--processes=1"]
+    assert sum(a.startswith("--out=") for a in argv) == 1
+  assert json.loads(out.read_text()) == result
+  assert len(result["processes"]) == 3 and result["jax"] == "x"
+  assert result["rows"][1]["ratio_to_constant"] == pytest.approx(0.8)
+  assert result["rows"][0]["median_ms"] == pytest.approx(1200)
