@@ -21,6 +21,8 @@ def define_flags():
   flags.DEFINE_list("cases", ["110:128", "110:512", "1202:128"], "depth:batch pairs.")
   flags.DEFINE_float("p_last", 0.5, "p_L of the stochastic-depth variants.")
   flags.DEFINE_string("out", "", "Write the rows as JSON here.")
+  flags.DEFINE_integer("seed", 0, "Seed of the timed steps' gate draws; with --processes, "
+                       "process i uses seed + i, so that each draws other gates.")
   flags.DEFINE_integer("processes", 1, "Measure in this many processes, one after "
                        "another, and report per variant the median over processes of each "
                        "process's median and ratios, with the ratios' range: processes "
@@ -51,8 +53,9 @@ def interleave(runs: dict, repeats: int) -> dict[str, list[float]]:
 
 
 def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, memory_gib,
-        family="cifar"):
-  """One result row from a variant's per-repetition step times (seconds)."""
+        family="cifar", blocks_computed=None):
+  """One result row from a variant's per-repetition step times (seconds);
+  `blocks_computed`: the mean fraction of blocks its timed steps computed."""
   timed = {"median_ms": None, "min_ms": None, "max_ms": None, "ratio_to_constant": None,
            "images_per_s": None}
   if len(seconds_per_step):
@@ -62,7 +65,8 @@ def row(depth, batch, variant, seconds_per_step, constant_median_s, compile_s, m
              "ratio_to_constant": median / 1e3 / float(constant_median_s),
              "images_per_s": batch / (median / 1e3)}
   return {"depth": depth, "batch": batch, "variant": variant, **timed,
-          "compile_s": compile_s, "memory_gib": memory_gib, "family": family}
+          "compile_s": compile_s, "memory_gib": memory_gib, "family": family,
+          "blocks_computed": blocks_computed}
 
 
 def with_ratio_to(rows: list[dict], variant: str) -> list[dict]:
@@ -83,14 +87,15 @@ def network(r) -> str:
 
 def format_table(rows, setting_width=0):
   """The rows as an aligned text table (with a "setting" column when rows carry one):
-  "ratio" to constant depth, "/open" to every gate open; rows merged over processes
+  "ratio" to constant depth, "/open" to every gate open, "blocks" the fraction of blocks
+  the timed steps computed; rows merged over processes
   (`merge_processes`) also show each ratio's range over processes, and their "spread" is
   the range of the processes' medians."""
   setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
   ranges = any(r.get("processes", 1) > 1 for r in rows)
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
            f"{'network':>12} {'batch':>5} {'variant':>15} {'median ms':>9} {'spread ms':>13} "
-           f"{'ratio':>6} {'/open':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}" +
+           f"{'ratio':>6} {'/open':>6} {'blocks':>6} {'img/s':>8} {'compile s':>9} {'GiB':>6}" +
            f" {'ratio range':>13} {'/open range':>13}" * ranges]
   def number(value, spec, width):
     return f"{'-' if value is None else format(value, spec):>{width}}"
@@ -102,27 +107,29 @@ def format_table(rows, setting_width=0):
         f"{setting(r)}{network(r):>12} {r['batch']:>5} {r['variant']:>15} "
         f"{number(r['median_ms'], '.2f', 9)} {spread:>13} "
         f"{number(r['ratio_to_constant'], '.3f', 6)} "
-        f"{number(r.get('ratio_to_open'), '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
+        f"{number(r.get('ratio_to_open'), '.3f', 6)} "
+        f"{number(r.get('blocks_computed'), '.3f', 6)} {number(r['images_per_s'], '.0f', 8)} "
         f"{number(r['compile_s'], '.1f', 9)} {number(r['memory_gib'], '.2f', 6)}" +
         (f" {interval(r.get('ratio_to_constant_range'))} "
          f"{interval(r.get('ratio_to_open_range'))}" if ranges else ""))
   return "\n".join(lines)
 
 
-def across_processes(module: str, processes: int, out: str = "") -> dict:
+def across_processes(module: str, processes: int, out: str = "", seed: int = 0) -> dict:
   """Runs this program (`python -m module` with this process's arguments) `processes`
   times, one after another, each writing its rows to a file of its own; prints the merged
   table and returns (and writes to `out`, if given) the first run's JSON with the rows
-  merged (`merge_processes`) and every run's rows under "processes". A run that fails
-  stops it."""
-  argv = [a for a in sys.argv[1:] if not a.startswith(("--processes", "--out"))]
+  merged (`merge_processes`) and every run's rows under "processes". Process i draws
+  its steps' gates with seed + i: the same few draws in every process would bias every
+  process's stochastic step alike. A run that fails stops it."""
+  argv = [a for a in sys.argv[1:] if not a.startswith(("--processes", "--out", "--seed"))]
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
     for index in range(processes):
       run_out = os.path.join(tmp, f"{index}.json")
       print(f"[process {index + 1} of {processes}]", flush=True)
       subprocess.run([sys.executable, "-m", module, *argv, "--processes=1",
-                      f"--out={run_out}"], check=True)
+                      f"--seed={seed + index}", f"--out={run_out}"], check=True)
       with open(run_out) as f:
         runs.append(json.load(f))
   result = {**runs[0], "rows": merge_processes([run["rows"] for run in runs]),
@@ -136,7 +143,8 @@ def across_processes(module: str, processes: int, out: str = "") -> dict:
 
 def merge_processes(runs: list[list[dict]]) -> list[dict]:
   """One row per variant from several processes' rows of the same variants: median over
-  processes of "median_ms", of each ratio and of "compile_s"; "min_ms"/"max_ms" the range
+  processes of "median_ms", of each ratio and of "compile_s", mean of "blocks_computed"
+  (each process timed other draws); "min_ms"/"max_ms" the range
   of the processes' medians; "<ratio>_range" [min, max] of each ratio; "processes" their
   count. Ratios are taken within each process, so one process's clock cannot bias them."""
   key = lambda r: (r.get("family"), r["depth"], r["batch"], r["variant"])
@@ -149,7 +157,9 @@ def merge_processes(runs: list[list[dict]]) -> list[dict]:
     value = lambda name: [r[name] for r in same if r.get(name) is not None]
     median = lambda name: float(np.median(value(name))) if value(name) else None
     row = {**first, "processes": len(runs), "median_ms": median("median_ms"),
-           "compile_s": median("compile_s")}
+           "compile_s": median("compile_s"),
+           "blocks_computed": (float(np.mean(value("blocks_computed")))
+                               if value("blocks_computed") else None)}
     if value("median_ms"):
       row.update(min_ms=min(value("median_ms")), max_ms=max(value("median_ms")),
                  images_per_s=first["batch"] / (row["median_ms"] / 1e3))

@@ -21,6 +21,7 @@ from experiments.configs import default
 from experiments.data import on_device
 from experiments.training import recipe
 from experiments.training import steps
+from sdnet import gates as gates_lib
 
 
 class ForcedGates:
@@ -87,10 +88,11 @@ def step_inputs(family: str, image_size: int, shape: tuple[int, ...], rng=None) 
 
 def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
                  remat=False, forced_gates=None, compile_only=False, family="cifar",
-                 image_size=224):
+                 image_size=224, seed=0):
   """A compiled step function and its donated state, as the experiments build them
   (`forced_gates`: True/False forces every gate open/closed, a sequence of one bool per
-  block each gate, see ForcedGates)."""
+  block each gate, see ForcedGates; `seed`: the run's seed, which with the step number
+  draws each step's gates)."""
   config = step_config(family, depth, batch, p_last, skip, dtype=dtype, remat=remat)
   devices = jax.local_device_count()
   shape = (devices, steps_per_call, batch // devices)
@@ -101,12 +103,14 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
   tx = recipe.make_optimizer(config, recipe.learning_rate_schedule(config, 390))
   make_state = lambda: jax_utils.replicate(jax.device_get(
       steps.create_train_state(model, tx, spec["images"].shape[-3:], 0)))
-  pmapped = steps.make_train_step(model, tx, seed=0, preprocess=preprocess)
+  pmapped = steps.make_train_step(model, tx, seed=seed, preprocess=preprocess)
   metrics = jax.eval_shape(lambda: jax_utils.replicate(steps.empty_metrics()))
   state = jax.eval_shape(make_state)
   step, compile_s = steps.compile_ahead(pmapped, state, spec, metrics)
+  gate_probs = model.probs if forced_gates is not None else model.survival_probs()
   variant = {"fn": step, "times": [], "compile_s": compile_s,
-             "memory_gib": program_memory_gib(step)}
+             "memory_gib": program_memory_gib(step), "gate_probs": gate_probs,
+             "seed": seed, "untimed_steps": steps_per_call}
   if compile_only:
     return variant
   variant["data"] = jax.tree.map(jax.device_put, step_inputs(
@@ -115,6 +119,23 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
   variant["metrics"] = jax_utils.replicate(steps.empty_metrics())
   run_variant(variant, 1, 1)  # warm-up
   return variant
+
+
+def blocks_computed(variant) -> float | None:
+  """The mean fraction of its blocks that `variant`'s timed steps computed (None before
+  any ran): each step's gates are a function of (seed, step) (`steps.gate_key`), drawn
+  again here for every step after the warm-up. A stochastic step's time depends on the
+  draws: a few steps can compute more or fewer blocks than the expected depth."""
+  if "state" not in variant:
+    return None
+  ran = int(jax.device_get(variant["state"].step)[0])
+  timed = jnp.arange(variant["untimed_steps"], ran)
+  if not timed.size:
+    return None
+  seed_key = jax.random.key(variant["seed"])
+  draws = jax.vmap(lambda step: gates_lib.draw(steps.gate_key(seed_key, step),
+                                               variant["gate_probs"]))(timed)
+  return float(jnp.mean(draws))
 
 
 def program_memory_gib(compiled):
@@ -143,16 +164,16 @@ def run_variant(variant, calls, steps_per_call):
 
 def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
             forced_gates=True, repeats=7, calls=5, steps_per_call=1, dtype="float32",
-            remat=False, compile_only=False, family="cifar", image_size=224):
+            remat=False, compile_only=False, family="cifar", image_size=224, seed=0):
   """The rows of every variant of every (depth, batch) in `cases` (module doc): "constant"
   (p_L = 1), "SD <skip>" for each of `skips`, and with `forced_gates` "SD open" and
   "SD closed" (skip "auto", every gate forced, `ForcedGates`); ImageNet's networks at
-  `image_size` with `family="imagenet"`."""
+  `image_size` with `family="imagenet"`; `seed` draws the steps' gates."""
   rows = []
   for depth, batch in cases:
     make = lambda p, skip, **kw: make_variant(
         depth, batch, p, skip, steps_per_call, dtype=dtype, remat=remat,
-        compile_only=compile_only, family=family, image_size=image_size, **kw)
+        compile_only=compile_only, family=family, image_size=image_size, seed=seed, **kw)
     variants = {"constant": make(1.0, "auto")}
     for skip in skips:
       variants[f"SD {skip}"] = make(p_last, skip)
@@ -166,7 +187,8 @@ def measure(cases, *, skips=("auto", "cond", "mask", "compact"), p_last=0.5,
       variant["times"] = times[name]
     base = np.median(variants["constant"]["times"] or [np.nan])
     case_rows = [common.row(depth, batch, name, variant["times"], base,
-                            variant["compile_s"], variant["memory_gib"], family)
+                            variant["compile_s"], variant["memory_gib"], family,
+                            blocks_computed=blocks_computed(variant))
                  for name, variant in variants.items()]
     rows += common.with_ratio_to(case_rows, "SD open")
   return rows

@@ -75,7 +75,7 @@ class CifarResNet(nn.Module):
     return self.head(x.mean(dim=(2, 3)))
 
 
-def make_variant(depth, batch, p_last, device):
+def make_variant(depth, batch, p_last, device, seed=0):
   model = CifarResNet(depth).to(device).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                         weight_decay=1e-4)
@@ -83,14 +83,17 @@ def make_variant(depth, batch, p_last, device):
   probs = 1 - np.arange(1, num_blocks + 1) / num_blocks * (1 - p_last)
   images = torch.randn(batch, 3, 32, 32, device=device)
   labels = torch.randint(0, 10, (batch,), device=device)
-  generator = np.random.default_rng(0)
+  generator = np.random.default_rng(seed)
+  variant = {"times": [], "memory": 0.0, "computed": []}
 
   def step():
     gates = (generator.random(len(probs)) < probs).tolist()  # host-side, per mini-batch
+    variant["computed"].append(np.mean(gates))
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(images, gates), labels).backward()
     opt.step()
-  return {"step": step, "times": [], "memory": 0.0}
+  variant["step"] = step
+  return variant
 
 
 def synchronize(device):
@@ -116,8 +119,9 @@ def torch_variants(depth, batch, device) -> dict:
   """{name: (variant, run)} of PyTorch's full and SD steps."""
   runs = {}
   for name, p_last in (("torch full", 1.0), ("torch SD if", FLAGS.p_last)):
-    variant = make_variant(depth, batch, p_last, device)
+    variant = make_variant(depth, batch, p_last, device, FLAGS.seed)
     run_variant(variant, 2, device)  # warm-up: cuDNN autotuning, allocator
+    variant["computed"].clear()
     runs[name] = (variant, lambda v=variant: run_variant(v, FLAGS.calls, device))
   return runs
 
@@ -129,15 +133,22 @@ def jax_variants(depth, batch) -> dict:
   runs = {}
   for name, p_last, forced in (("jax plain", 1.0, None), ("jax SD", FLAGS.p_last, None),
                                ("jax open", FLAGS.p_last, True)):
-    variant = timing.make_variant(depth, batch, p_last, "auto", 1, forced_gates=forced)
+    variant = timing.make_variant(depth, batch, p_last, "auto", 1, forced_gates=forced,
+                                  seed=FLAGS.seed)
     runs[name] = (variant, lambda v=variant: timing.run_variant(v, FLAGS.calls, 1))
   return runs
+
+
+def jax_blocks_computed(variant) -> float | None:
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  return timing.blocks_computed(variant)
 
 
 def main(argv):
   del argv
   if FLAGS.processes > 1:
-    common.across_processes("benchmarks.torch_reference", FLAGS.processes, FLAGS.out)
+    common.across_processes("benchmarks.torch_reference", FLAGS.processes, FLAGS.out,
+                            FLAGS.seed)
     return
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,8 +172,10 @@ def main(argv):
     base = np.median(variants["torch full"][0]["times"])
     for label, (variant, _) in variants.items():
       memory = variant.get("memory") if device.type == "cuda" else None
+      blocks = (float(np.mean(variant["computed"])) if "computed" in variant
+                else jax_blocks_computed(variant))
       rows.append(common.row(depth, batch, label, variant["times"], base,
-                             variant.get("compile_s"), memory))
+                             variant.get("compile_s"), memory, blocks_computed=blocks))
     del variants
   print(common.format_table(rows))
   if FLAGS.out:

@@ -61,7 +61,8 @@ flags.DEFINE_integer("image_size", 224, "ImageNet: the crop size the step trains
 def main(argv):
   del argv
   if FLAGS.processes > 1:
-    common.across_processes("benchmarks.train_step", FLAGS.processes, FLAGS.out)
+    common.across_processes("benchmarks.train_step", FLAGS.processes, FLAGS.out,
+                            FLAGS.seed)
     return
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
@@ -73,7 +74,8 @@ def main(argv):
       p_last=FLAGS.p_last, forced_gates=FLAGS.forced_gates, repeats=FLAGS.repeats,
       calls=FLAGS.calls,
       steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype, remat=FLAGS.remat,
-      compile_only=FLAGS.compile_only, family=FLAGS.family, image_size=FLAGS.image_size)
+      compile_only=FLAGS.compile_only, family=FLAGS.family, image_size=FLAGS.image_size,
+      seed=FLAGS.seed)
   print(common.format_table(rows))
   if FLAGS.out:
     common.write_json(FLAGS.out, {"jax": jax.__version__,

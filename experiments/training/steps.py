@@ -112,6 +112,12 @@ def cross_entropy(logits, labels):
 # ------------------------------------------------------------------------ pure steps
 
 
+def gate_key(seed_key, step):
+  """The key a training step draws its block gates from: a function of (seed, step) alone,
+  the same on every device."""
+  return jax.random.fold_in(jax.random.fold_in(seed_key, GATE_STREAM), step)
+
+
 def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed_key,
                preprocess: Preprocess, axis_name: str | None = AXIS):
   """One SGD step on this device's share of the global batch.
@@ -120,7 +126,7 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
   one-mask-per-mini-batch and cross-replica BatchNorm require. The augmentation key
   depends on (seed, step, device).
   """
-  gate_key = jax.random.fold_in(jax.random.fold_in(seed_key, GATE_STREAM), state.step)
+  step_gate_key = gate_key(seed_key, state.step)
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   augment_key = jax.random.fold_in(
       jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
@@ -129,7 +135,7 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
   def loss_fn(params):
     logits, new_state = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        key=gate_key, mutable=["batch_stats"])
+        key=step_gate_key, mutable=["batch_stats"])
     losses = cross_entropy(logits, batch["labels"])
     return jnp.mean(losses), (logits, losses, new_state["batch_stats"])
 

@@ -357,3 +357,36 @@ def test_a_measurement_across_processes_runs_the_program_once_per_process(tmp_pa
   assert len(result["processes"]) == 3 and result["jax"] == "x"
   assert result["rows"][1]["ratio_to_constant"] == pytest.approx(0.8)
   assert result["rows"][0]["median_ms"] == pytest.approx(1200)
+
+
+def test_the_fraction_of_blocks_computed_is_what_the_timed_steps_drew(monkeypatch):
+  from experiments.training import recipe
+  from sdnet import gates as gates_lib
+  drawn = []
+
+  class RecordingGates(timing.ForcedGates):
+    """The model, drawing its gates as it does and recording them on the host."""
+
+    def survival_probs(self):
+      return self.model.survival_probs()
+
+    def apply(self, variables, x, train=False, *, key=None, **kwargs):
+      if not train:
+        return self.model.apply(variables, x, **kwargs)
+      gates = gates_lib.resolve(key, None, self.model.survival_probs())
+      jax.debug.callback(lambda g: drawn.append(np.asarray(g)), gates)
+      return self.model.apply(variables, x, train=True, gates=gates, **kwargs)
+
+  build = recipe.build_model
+  monkeypatch.setattr(recipe, "build_model",
+                      lambda *a, **k: RecordingGates(build(*a, **k), True))
+  variant = timing.make_variant(8, 8, 0.5, "cond", 2, seed=3)
+  assert timing.blocks_computed(variant) is None  # only the warm-up ran
+  drawn.clear()
+  timing.run_variant(variant, 3, 2)
+  jax.effects_barrier()
+  # Each step records its gates as often as its program runs the callback (forward and
+  # recomputation), every step alike.
+  steps_drawn = np.unique(np.stack(drawn), axis=0, return_counts=True)
+  assert len(drawn) % 6 == 0 and len(steps_drawn[0]) > 1
+  assert timing.blocks_computed(variant) == pytest.approx(np.mean(drawn))
