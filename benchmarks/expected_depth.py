@@ -42,7 +42,8 @@ def stage_blocks(depth: int, p_last: float) -> tuple[tuple[int, ...], np.ndarray
 
 def expected_step(medians: dict[str, float], sizes, probs) -> dict[str, float]:
   """{"saving_stage<k>": s per block of stage k, "expected SD": E[t_SD]} in the units of
-  `medians` ({"open": t_open, "stage<k> closed": ...}), by the module doc's equation."""
+  `medians` ({"open": t_open, "stage<k> closed": ...}), by the module doc's equation;
+  `probs` p_1..p_L, or the fraction of timed steps that computed each block."""
   out, expected, start = {}, medians["open"], 0
   for stage, size in enumerate(sizes, 1):
     saving = (medians["open"] - medians[f"stage{stage} closed"]) / size
@@ -52,12 +53,13 @@ def expected_step(medians: dict[str, float], sizes, probs) -> dict[str, float]:
   return {**out, "expected SD": expected}
 
 
-def measure(depth: int, batch: int, p_last: float, repeats: int, calls: int):
+def measure(depth: int, batch: int, p_last: float, repeats: int, calls: int, seed: int = 0):
   """(rows, summary) of one case: a `common.row` per variant and the module doc's
-  expected step beside the measured ones."""
+  expected step beside the measured ones: by the p_l, and by the gates the timed SD steps
+  drew (`seed`), which a few steps make differ from the p_l."""
   sizes, probs = stage_blocks(depth, p_last)
   made = {"constant": timing.make_variant(depth, batch, 1.0, "auto", 1),
-          "SD": timing.make_variant(depth, batch, p_last, "auto", 1),
+          "SD": timing.make_variant(depth, batch, p_last, "auto", 1, seed=seed),
           "open": timing.make_variant(depth, batch, p_last, "auto", 1, forced_gates=True),
           "closed": timing.make_variant(depth, batch, p_last, "auto", 1,
                                         forced_gates=False)}
@@ -73,9 +75,14 @@ def measure(depth: int, batch: int, p_last: float, repeats: int, calls: int):
   medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
   rows = common.with_ratio_to(
       [common.row(depth, batch, name, times[name], medians["constant"] / 1e3,
-                  v["compile_s"], v["memory_gib"]) for name, v in made.items()], "open")
+                  v["compile_s"], v["memory_gib"],
+                  blocks_computed=timing.blocks_computed(v)) for name, v in made.items()],
+      "open")
+  drawn = timing.drawn_gates(made["SD"]).mean(axis=0)
   summary = {"depth": depth, "batch": batch, "p_last": p_last,
              **expected_step(medians, sizes, probs),
+             "expected SD, drawn gates": expected_step(medians, sizes, drawn)["expected SD"],
+             "SD blocks computed": float(drawn.mean()), "expected blocks": float(probs.mean()),
              "measured SD": medians["SD"], "open": medians["open"],
              "constant": medians["constant"]}
   return rows, summary
@@ -86,7 +93,11 @@ def format_summary(s: dict) -> str:
   ratio = lambda t: f"{t / s['open']:.3f} of open, {t / s['constant']:.3f} of constant"
   return (f"ResNet-{s['depth']}, batch {s['batch']}, p_L = {s['p_last']}: a dropped "
           f"block saves {savings} ms (stages 1..)\n"
-          f"  expected SD step {s['expected SD']:.1f} ms ({ratio(s['expected SD'])})\n"
+          f"  expected SD step {s['expected SD']:.1f} ms ({ratio(s['expected SD'])}), "
+          f"{s['expected blocks']:.3f} of the blocks\n"
+          f"  expected for the timed steps' gates {s['expected SD, drawn gates']:.1f} ms "
+          f"({ratio(s['expected SD, drawn gates'])}), {s['SD blocks computed']:.3f} of the "
+          f"blocks\n"
           f"  measured SD step {s['measured SD']:.1f} ms ({ratio(s['measured SD'])})")
 
 
@@ -96,7 +107,8 @@ def main(argv):
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows, summaries = [], []
   for depth, batch in common.cases(FLAGS.cases, FLAGS.small):
-    case_rows, summary = measure(depth, batch, FLAGS.p_last, FLAGS.repeats, FLAGS.calls)
+    case_rows, summary = measure(depth, batch, FLAGS.p_last, FLAGS.repeats, FLAGS.calls,
+                                 FLAGS.seed)
     rows += case_rows
     summaries.append(summary)
   print(common.format_table(rows))

@@ -121,11 +121,10 @@ def make_variant(depth, batch, p_last, skip, steps_per_call, *, dtype="float32",
   return variant
 
 
-def blocks_computed(variant) -> float | None:
-  """The mean fraction of its blocks that `variant`'s timed steps computed (None before
-  any ran): each step's gates are a function of (seed, step) (`steps.gate_key`), drawn
-  again here for every step after the warm-up. A stochastic step's time depends on the
-  draws: a few steps can compute more or fewer blocks than the expected depth."""
+def drawn_gates(variant) -> np.ndarray | None:
+  """The gates of `variant`'s timed steps, (steps, blocks) bools (None before any ran):
+  each step's gates are a function of (seed, step) (`steps.gate_key`), drawn again here
+  for every step after the warm-up."""
   if "state" not in variant:
     return None
   ran = int(jax.device_get(variant["state"].step)[0])
@@ -133,9 +132,16 @@ def blocks_computed(variant) -> float | None:
   if not timed.size:
     return None
   seed_key = jax.random.key(variant["seed"])
-  draws = jax.vmap(lambda step: gates_lib.draw(steps.gate_key(seed_key, step),
-                                               variant["gate_probs"]))(timed)
-  return float(jnp.mean(draws))
+  return np.asarray(jax.vmap(lambda step: gates_lib.draw(
+      steps.gate_key(seed_key, step), variant["gate_probs"]))(timed))
+
+
+def blocks_computed(variant) -> float | None:
+  """The mean fraction of its blocks that `variant`'s timed steps computed. A stochastic
+  step's time depends on its draws: a few steps can compute more or fewer blocks than the
+  expected depth, and steps of one seed are the same in every process."""
+  gates = drawn_gates(variant)
+  return None if gates is None else float(gates.mean())
 
 
 def program_memory_gib(compiled):
