@@ -88,9 +88,9 @@ def network(r) -> str:
 def format_table(rows, setting_width=0):
   """The rows as an aligned text table (with a "setting" column when rows carry one):
   "ratio" to constant depth, "/open" to every gate open, "blocks" the fraction of blocks
-  the timed steps computed; rows merged over processes
-  (`merge_processes`) also show each ratio's range over processes, and their "spread" is
-  the range of the processes' medians."""
+  the timed steps computed; rows merged over processes (`merge_processes`) also show each
+  ratio's range over processes, and their "spread" is the range of the processes'
+  medians."""
   setting = lambda r: f"{r.get('setting', ''):<{setting_width}} " if setting_width else ""
   ranges = any(r.get("processes", 1) > 1 for r in rows)
   lines = [f"{'setting':<{setting_width}} " * bool(setting_width) +
@@ -144,9 +144,9 @@ def across_processes(module: str, processes: int, out: str = "", seed: int = 0) 
 def merge_processes(runs: list[list[dict]]) -> list[dict]:
   """One row per variant from several processes' rows of the same variants: median over
   processes of "median_ms", of each ratio and of "compile_s", mean of "blocks_computed"
-  (each process timed other draws); "min_ms"/"max_ms" the range
-  of the processes' medians; "<ratio>_range" [min, max] of each ratio; "processes" their
-  count. Ratios are taken within each process, so one process's clock cannot bias them."""
+  (each process timed other draws); "min_ms"/"max_ms" the range of the processes'
+  medians; "<ratio>_range" [min, max] of each ratio; "processes" their count. Ratios are
+  taken within each process, so one process's clock cannot bias them."""
   key = lambda r: (r.get("family"), r["depth"], r["batch"], r["variant"])
   if len({tuple(map(key, rows)) for rows in runs}) != 1:
     raise ValueError("the processes measured different variants: "
