@@ -310,12 +310,14 @@ def test_the_expected_sd_step_subtracts_each_blocks_drop_probability_times_its_s
 
 
 def test_rows_merged_over_processes_take_each_ratio_within_its_process():
-  def process(constant_s, sd_s, open_s):
-    rows = [common.row(110, 128, name, [s], constant_s, 1.0, 0.5)
-            for name, s in (("constant", constant_s), ("SD auto", sd_s), ("SD open", open_s))]
+  def process(constant_s, sd_s, open_s, sd_blocks):
+    rows = [common.row(110, 128, name, [s], constant_s, 1.0, 0.5, blocks_computed=blocks)
+            for name, s, blocks in (("constant", constant_s, 1.0), ("SD auto", sd_s, sd_blocks),
+                                    ("SD open", open_s, 1.0))]
     return common.with_ratio_to(rows, "SD open")
   # The second process's clock runs 1.5x slower: its ratios still count as its own.
-  runs = [process(1.0, 0.8, 1.1), process(1.5, 1.29, 1.5), process(1.1, 0.9, 1.0)]
+  runs = [process(1.0, 0.8, 1.1, 0.7), process(1.5, 1.29, 1.5, 0.8),
+          process(1.1, 0.9, 1.0, 0.78)]
   merged = common.merge_processes(runs)
   assert [r["variant"] for r in merged] == ["constant", "SD auto", "SD open"]
   constant, sd, _ = merged
@@ -325,6 +327,7 @@ def test_rows_merged_over_processes_take_each_ratio_within_its_process():
   assert constant["ratio_to_open_range"] == pytest.approx([1.0 / 1.1, 1.1])
   assert sd["median_ms"] == pytest.approx(900) and (sd["min_ms"], sd["max_ms"]) == (800, 1290)
   assert sd["processes"] == 3 and sd["images_per_s"] == pytest.approx(128 / 0.9)
+  assert sd["blocks_computed"] == pytest.approx(0.76)  # each process drew other gates
   assert "ratio range" in common.format_table(merged)
   with pytest.raises(ValueError, match="different variants"):
     common.merge_processes([runs[0], runs[1][:2]])
