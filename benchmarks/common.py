@@ -26,7 +26,8 @@ def define_flags():
   flags.DEFINE_integer("processes", 1, "Measure in this many processes, one after "
                        "another, and report per variant the median over processes of each "
                        "process's median and ratios, with the ratios' range: processes "
-                       "disagree by up to 15-20% on ratios near 1 (benchmarks/README.md).")
+                       "disagree by up to 15-20% on ratios near 1 (benchmarks/README.md).",
+                       lower_bound=1)
 
 
 def cases(specs, small=False, family="cifar"):
@@ -128,8 +129,11 @@ def across_processes(module: str, processes: int, out: str = "", seed: int = 0) 
     for index in range(processes):
       run_out = os.path.join(tmp, f"{index}.json")
       print(f"[process {index + 1} of {processes}]", flush=True)
-      subprocess.run([sys.executable, "-m", module, *argv, "--processes=1",
-                      f"--seed={seed + index}", f"--out={run_out}"], check=True)
+      done = subprocess.run([sys.executable, "-m", module, *argv, "--processes=1",
+                             f"--seed={seed + index}", f"--out={run_out}"], check=False)
+      if done.returncode != 0:
+        raise SystemExit(f"process {index + 1} of {processes} failed with exit code "
+                         f"{done.returncode} (its output is above); nothing was merged.")
       with open(run_out) as f:
         runs.append(json.load(f))
   result = {**runs[0], "rows": merge_processes([run["rows"] for run in runs]),

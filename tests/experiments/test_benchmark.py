@@ -338,7 +338,7 @@ def test_a_measurement_across_processes_runs_the_program_once_per_process(tmp_pa
   commands = []
 
   def fake_run(argv, check):
-    assert check
+    del check
     commands.append(argv)
     out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out="))
     seconds = 1.0 + len(commands) / 10
@@ -346,6 +346,7 @@ def test_a_measurement_across_processes_runs_the_program_once_per_process(tmp_pa
             common.row(20, 128, "SD auto", [0.8 * seconds], seconds, 1.0, 0.5)]
     with open(out, "w") as f:
       json.dump({"jax": "x", "rows": rows}, f)
+    return subprocess.CompletedProcess(argv, 0)
 
   monkeypatch.setattr(common.subprocess, "run", fake_run)
   monkeypatch.setattr(sys, "argv", ["train_step.py", "--cases=20:128", "--processes=3",
@@ -393,3 +394,10 @@ def test_the_fraction_of_blocks_computed_is_what_the_timed_steps_drew(monkeypatc
   steps_drawn = np.unique(np.stack(drawn), axis=0, return_counts=True)
   assert len(drawn) % 6 == 0 and len(steps_drawn[0]) > 1
   assert timing.blocks_computed(variant) == pytest.approx(np.mean(drawn))
+
+
+def test_a_failed_process_stops_the_measurement_in_one_line(monkeypatch):
+  monkeypatch.setattr(common.subprocess, "run",
+                      lambda argv, check: subprocess.CompletedProcess(argv, 3))
+  with pytest.raises(SystemExit, match="process 1 of 2 failed with exit code 3"):
+    common.across_processes("benchmarks.train_step", 2)
