@@ -76,7 +76,9 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
 
 def main(argv):
   del argv
+  cpus = common.use_cores(FLAGS.cores)
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
+  print(f"CPUs {cpus}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls,
                  tuple(FLAGS.variants))

@@ -28,6 +28,30 @@ def define_flags():
                        "process's median and ratios, with the ratios' range: processes "
                        "disagree by up to 15-20% on ratios near 1 (benchmarks/README.md).",
                        lower_bound=1)
+  flags.DEFINE_integer("cores", 0, "Run on this many of the CPUs this process may use "
+                       "(0: all of them), pinned before JAX or PyTorch start their "
+                       "threads. On one core no thread waits for another: a ratio varies "
+                       "~2% between repetitions instead of ~10% on two cores "
+                       "(benchmarks/README.md), enough to see differences of a few "
+                       "percent in one process.", lower_bound=0)
+
+
+def use_cores(cores: int) -> list[int]:
+  """Pins this process to the first `cores` of the CPUs it may use (0: leaves them all)
+  and returns the CPUs it runs on. Threads started afterwards inherit the pinning, so
+  call it before JAX initialises its backend (XLA:CPU sizes its thread pool by the CPUs
+  it may use) and before PyTorch's first operation."""
+  allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  if not cores:
+    return allowed
+  if not hasattr(os, "sched_setaffinity"):
+    raise SystemExit(f"--cores={cores}: this platform cannot pin a process to CPUs; "
+                     "leave --cores at 0.")
+  if cores > len(allowed):
+    raise SystemExit(f"--cores={cores}: this process may use only {len(allowed)} CPUs "
+                     f"{allowed}; ask for at most {len(allowed)}, or 0 for all of them.")
+  os.sched_setaffinity(0, allowed[:cores])
+  return sorted(os.sched_getaffinity(0))
 
 
 def cases(specs, small=False, family="cifar"):

@@ -103,7 +103,9 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
+  cpus = common.use_cores(FLAGS.cores)
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
+  print(f"CPUs {cpus}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows, summaries = [], []
   for depth, batch in common.cases(FLAGS.cases, FLAGS.small):

@@ -64,7 +64,9 @@ def main(argv):
     common.across_processes("benchmarks.train_step", FLAGS.processes, FLAGS.out,
                             FLAGS.seed)
     return
+  cpus = common.use_cores(FLAGS.cores)
   print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
+  print(f"CPUs {cpus}")
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()})")
   if jax.default_backend() == "cpu":

@@ -401,3 +401,30 @@ def test_a_failed_process_stops_the_measurement_in_one_line(monkeypatch):
                       lambda argv, check: subprocess.CompletedProcess(argv, 3))
   with pytest.raises(SystemExit, match="process 1 of 2 failed with exit code 3"):
     common.across_processes("benchmarks.train_step", 2)
+
+
+def test_a_benchmark_pinned_to_one_core_runs_there_with_the_threads_it_starts():
+  # In a process of its own: pinning the test worker would slow every later test.
+  program = (
+      "import os, threading\n"
+      "from benchmarks import common\n"
+      "print(common.use_cores(1))\n"
+      "seen = []\n"
+      "thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))\n"
+      "thread.start(); thread.join()\n"
+      "print(sorted(seen[0]))\n")
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                        check=True, cwd=REPO)
+  pinned, thread_cpus = done.stdout.split("\n")[:2]
+  first = min(os.sched_getaffinity(0))
+  assert pinned == thread_cpus == f"[{first}]"
+
+
+def test_asking_for_more_cores_than_the_process_may_use_fails_before_pinning():
+  allowed = os.sched_getaffinity(0)
+  with pytest.raises(SystemExit, match=f"--cores={len(allowed) + 1}: this process may use "
+                                       f"only {len(allowed)} CPUs"):
+    common.use_cores(len(allowed) + 1)
+  assert os.sched_getaffinity(0) == allowed
+  assert common.use_cores(0) == sorted(allowed)
+
