@@ -10,6 +10,12 @@ gate open computes, without the conditionals; it must not be slower. Variants:
                     policy; on CPU today they keep only their convolutions' outputs)
   plain rolled      its stages run as loops (`lax.scan`, one block per iteration)
   plain unrolled    its stages' scans fully unrolled, as a gated stage's
+  plain without reduce_precision
+                    today's choices, traced with JAX's remat not marking its saved
+                    residuals with `reduce_precision` (jax PR 22244; an identity on
+                    float32 that XLA:CPU runs as a copy): what those copies cost. It
+                    patches a private JAX function while the variant is traced; a
+                    measurement, not a choice the library can make
   open              the stochastic network with every gate forced open (`ForcedGates`)
 Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
 table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
@@ -23,6 +29,7 @@ import functools
 from absl import app
 from absl import flags
 import jax
+from jax._src import ad_checkpoint  # for the variant without remat's reduce_precision
 import numpy as np
 
 from benchmarks import common
@@ -33,12 +40,20 @@ FLAGS = flags.FLAGS
 
 
 @contextlib.contextmanager
-def choices(keeps_all: bool, unrolled: bool | None):
+def choices(keeps_all: bool, unrolled: bool | None, reduce_precision: bool = True):
   """Today's `sdnet.backend` choices for plain branches and stages, with a plain branch
   keeping every residual (no remat policy) and/or a plain stage's scan fully unrolled
-  (True) or rolled (False) instead of as `backend.unroll_stages` says (None), while a
-  variant is traced and compiled."""
+  (True) or rolled (False) instead of as `backend.unroll_stages` says (None), and
+  without remat's `reduce_precision` on saved residuals (`reduce_precision=False`),
+  while a variant is traced and compiled."""
   policy, unroll = backend.branch_policy, backend.unroll_stages
+  marks_residuals = getattr(ad_checkpoint, "_insert_reduce_precision", None)
+  if not reduce_precision:
+    if marks_residuals is None:
+      raise SystemExit(f"JAX {jax.__version__} has no jax._src.ad_checkpoint."
+                       "_insert_reduce_precision to leave out; drop the variant "
+                       "'plain without reduce_precision'.")
+    ad_checkpoint._insert_reduce_precision = lambda jaxpr, num_res: jaxpr
   if keeps_all:
     backend.branch_policy = lambda name, gated: policy(name, gated) if gated else None
   if unrolled is not None:
@@ -49,10 +64,13 @@ def choices(keeps_all: bool, unrolled: bool | None):
     yield
   finally:
     backend.branch_policy, backend.unroll_stages = policy, unroll
+    if marks_residuals is not None:
+      ad_checkpoint._insert_reduce_precision = marks_residuals
 
 
 VARIANTS = {"plain": (False, None), "plain keeps all": (True, None),
-            "plain rolled": (False, False), "plain unrolled": (False, True)}
+            "plain rolled": (False, False), "plain unrolled": (False, True),
+            "plain without reduce_precision": (False, None, False)}
 
 
 def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:

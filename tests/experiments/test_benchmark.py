@@ -428,3 +428,15 @@ def test_asking_for_more_cores_than_the_process_may_use_fails_before_pinning():
   assert os.sched_getaffinity(0) == allowed
   assert common.use_cores(0) == sorted(allowed)
 
+
+def test_the_variant_without_reduce_precision_leaves_remats_copies_out_while_traced():
+  from benchmarks import backend_choices  # pylint: disable=g-import-not-at-top
+  saves_y = jax.checkpoint_policies.save_only_these_names("y")
+  def loss(x):
+    block = lambda x: jax.numpy.sin(jax.ad_checkpoint.checkpoint_name(x * x, "y")).sum()
+    return jax.checkpoint(block, policy=saves_y)(x)
+  marked = lambda: "reduce_precision" in str(jax.make_jaxpr(jax.grad(loss))(np.ones(3)))
+  assert marked()
+  with backend_choices.choices(False, None, reduce_precision=False):
+    assert not marked()
+  assert marked()
