@@ -16,6 +16,9 @@ gate open computes, without the conditionals; it must not be slower. Variants:
                     float32 that XLA:CPU runs as a copy): what those copies cost. It
                     patches a private JAX function while the variant is traced; a
                     measurement, not a choice the library can make
+  open without reduce_precision
+                    the open network traced the same way: whether the copies cost the
+                    open step as much
   open              the stochastic network with every gate forced open (`ForcedGates`)
 Each is the experiments' own compiled step (`benchmarks.timing.make_variant`); the
 table's "/open" column is the ratio to "open". benchmarks/README.md keeps the figures.
@@ -68,9 +71,11 @@ def choices(keeps_all: bool, unrolled: bool | None, reduce_precision: bool = Tru
       ad_checkpoint._insert_reduce_precision = marks_residuals
 
 
-VARIANTS = {"plain": (False, None), "plain keeps all": (True, None),
-            "plain rolled": (False, False), "plain unrolled": (False, True),
-            "plain without reduce_precision": (False, None, False)}
+# name: (arguments of `choices`, whether it is the open network rather than the plain one)
+VARIANTS = {"plain": ((False, None), False), "plain keeps all": ((True, None), False),
+            "plain rolled": ((False, False), False), "plain unrolled": ((False, True), False),
+            "plain without reduce_precision": ((False, None, False), False),
+            "open without reduce_precision": ((False, None, False), True)}
 
 
 def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[dict]:
@@ -78,8 +83,10 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
   for depth, batch in cases:
     made = {}
     for name in variants:
-      with choices(*VARIANTS[name]):
-        made[name] = timing.make_variant(depth, batch, 1.0, "auto", 1)
+      choice, is_open = VARIANTS[name]
+      with choices(*choice):
+        made[name] = timing.make_variant(depth, batch, 0.5 if is_open else 1.0, "auto", 1,
+                                         forced_gates=True if is_open else None)
     made["open"] = timing.make_variant(depth, batch, 0.5, "auto", 1, forced_gates=True)
     times = common.interleave({name: functools.partial(timing.run_variant, v, calls, 1)
                                for name, v in made.items()}, repeats)
@@ -107,7 +114,7 @@ def main(argv):
 
 if __name__ == "__main__":
   common.define_flags()
-  flags.DEFINE_list("variants", list(VARIANTS), f"Plain variants to time beside the open "
+  flags.DEFINE_list("variants", list(VARIANTS), f"Variants to time beside the open "
                     f"network, of {list(VARIANTS)}.")
   flags.register_validator("variants", lambda names: set(names) <= set(VARIANTS),
                            f"--variants takes names of {list(VARIANTS)}, comma-separated.")

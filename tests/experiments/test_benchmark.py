@@ -429,14 +429,39 @@ def test_asking_for_more_cores_than_the_process_may_use_fails_before_pinning():
   assert common.use_cores(0) == sorted(allowed)
 
 
-def test_the_variant_without_reduce_precision_leaves_remats_copies_out_while_traced():
-  from benchmarks import backend_choices  # pylint: disable=g-import-not-at-top
+def remat_marks_its_residuals() -> bool:
+  """Whether `jax.checkpoint` marks a saved residual with `reduce_precision` now."""
   saves_y = jax.checkpoint_policies.save_only_these_names("y")
   def loss(x):
     block = lambda x: jax.numpy.sin(jax.ad_checkpoint.checkpoint_name(x * x, "y")).sum()
     return jax.checkpoint(block, policy=saves_y)(x)
-  marked = lambda: "reduce_precision" in str(jax.make_jaxpr(jax.grad(loss))(np.ones(3)))
-  assert marked()
+  return "reduce_precision" in str(jax.make_jaxpr(jax.grad(loss))(np.ones(3)))
+
+
+def test_the_variant_without_reduce_precision_leaves_remats_copies_out_while_traced():
+  from benchmarks import backend_choices  # pylint: disable=g-import-not-at-top
+  assert remat_marks_its_residuals()
   with backend_choices.choices(False, None, reduce_precision=False):
-    assert not marked()
-  assert marked()
+    assert not remat_marks_its_residuals()
+  assert remat_marks_its_residuals()
+
+
+def test_each_backend_choice_builds_the_network_it_names(monkeypatch):
+  from benchmarks import backend_choices  # pylint: disable=g-import-not-at-top
+  built = {}
+  def make_variant(depth, batch, p_last, skip, steps_per_call, forced_gates=None):
+    del depth, batch, skip, steps_per_call
+    marks = "marks" if remat_marks_its_residuals() else "unmarked"
+    name = f"{p_last}/{forced_gates}/{marks}"
+    built[name] = built.get(name, 0) + 1
+    return {"name": name, "compile_s": 0.0, "memory_gib": 0.0}
+  monkeypatch.setattr(timing, "make_variant", make_variant)
+  monkeypatch.setattr(timing, "run_variant", lambda variant, calls, steps: 1.0)
+  rows = backend_choices.measure([(20, 8)], repeats=1, calls=1,
+                                 variants=("plain", "plain without reduce_precision",
+                                           "open without reduce_precision"))
+  assert [r["variant"] for r in rows] == ["plain", "plain without reduce_precision",
+                                          "open without reduce_precision", "open"]
+  # Plain: p_L = 1 with no gate forced (False would close every gate); open: forced open.
+  assert built == {"1.0/None/marks": 1, "1.0/None/unmarked": 1, "0.5/True/unmarked": 1,
+                   "0.5/True/marks": 1}
