@@ -54,8 +54,8 @@ def choices(keeps_all: bool, unrolled: bool | None, reduce_precision: bool = Tru
   if not reduce_precision:
     if marks_residuals is None:
       raise SystemExit(f"JAX {jax.__version__} has no jax._src.ad_checkpoint."
-                       "_insert_reduce_precision to leave out; drop the variant "
-                       "'plain without reduce_precision'.")
+                       "_insert_reduce_precision to leave out; drop the variants "
+                       "'... without reduce_precision'.")
     ad_checkpoint._insert_reduce_precision = lambda jaxpr, num_res: jaxpr
   if keeps_all:
     backend.branch_policy = lambda name, gated: policy(name, gated) if gated else None
@@ -101,9 +101,7 @@ def measure(cases, repeats: int, calls: int, variants=tuple(VARIANTS)) -> list[d
 
 def main(argv):
   del argv
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
-  print(f"CPUs {cpus}")
+  common.prepare_host(FLAGS.cores)
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows = measure(common.cases(FLAGS.cases, FLAGS.small), FLAGS.repeats, FLAGS.calls,
                  tuple(FLAGS.variants))

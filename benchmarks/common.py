@@ -30,10 +30,9 @@ def define_flags():
                        lower_bound=1)
   flags.DEFINE_integer("cores", 0, "Run on this many of the CPUs this process may use "
                        "(0: all of them), pinned before JAX or PyTorch start their "
-                       "threads. On one core no thread waits for another: a ratio varies "
-                       "~2% between repetitions instead of ~10% on two cores "
-                       "(benchmarks/README.md), enough to see differences of a few "
-                       "percent in one process.", lower_bound=0)
+                       "threads. On one core no thread waits for another: in a quiet "
+                       "process a ratio varies ~2-5% between repetitions instead of ~10% "
+                       "on two cores (benchmarks/README.md).", lower_bound=0)
 
 
 def use_cores(cores: int) -> list[int]:
@@ -52,6 +51,17 @@ def use_cores(cores: int) -> list[int]:
                      f"{allowed}; ask for at most {len(allowed)}, or 0 for all of them.")
   os.sched_setaffinity(0, allowed[:cores])
   return sorted(os.sched_getaffinity(0))
+
+
+def prepare_host(cores: int) -> list[int]:
+  """What every benchmark does first, before JAX or PyTorch start their threads: pins
+  the process to `cores` CPUs (`use_cores`) and keeps the host memory a step frees for
+  the next (`sdnet.backend.keep_freed_host_memory`); prints both and returns the CPUs."""
+  from sdnet import backend  # pylint: disable=g-import-not-at-top
+  cpus = use_cores(cores)
+  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
+  print(f"CPUs {cpus}")
+  return cpus
 
 
 def cases(specs, small=False, family="cifar"):

@@ -196,9 +196,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
-  print(f"CPUs {cpus}")
+  common.prepare_host(FLAGS.cores)
   print(f"JAX {jax.__version__} ({jax.default_backend()}), convolution "
         f"{backend.conv_general_dilated().__module__}")
   rows = []

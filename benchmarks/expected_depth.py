@@ -28,7 +28,6 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import timing
-from sdnet import backend
 from experiments.training import recipe
 
 FLAGS = flags.FLAGS
@@ -103,9 +102,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
-  print(f"CPUs {cpus}")
+  common.prepare_host(FLAGS.cores)
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
   rows, summaries = [], []
   for depth, batch in common.cases(FLAGS.cases, FLAGS.small):

@@ -229,10 +229,7 @@ def format_breakdowns(columns: dict[str, dict[str, float]]) -> str:
 
 def main(argv):
   del argv
-  from sdnet import backend  # pylint: disable=g-import-not-at-top
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
-  print(f"CPUs {cpus}")
+  common.prepare_host(FLAGS.cores)
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import timing  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":

@@ -26,7 +26,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from benchmarks import common
-from sdnet import backend
 
 FLAGS = flags.FLAGS
 
@@ -150,11 +149,9 @@ def main(argv):
     common.across_processes("benchmarks.torch_reference", FLAGS.processes, FLAGS.out,
                             FLAGS.seed)
     return
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
+  cpus = common.prepare_host(FLAGS.cores)
   if FLAGS.cores:
     torch.set_num_threads(len(cpus))
-  print(f"CPUs {cpus}")
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.backends.cudnn.benchmark = True
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -40,7 +40,6 @@ import jax
 
 from benchmarks import common
 from benchmarks import timing
-from sdnet import backend
 
 FLAGS = flags.FLAGS
 common.define_flags()
@@ -64,9 +63,7 @@ def main(argv):
     common.across_processes("benchmarks.train_step", FLAGS.processes, FLAGS.out,
                             FLAGS.seed)
     return
-  cpus = common.use_cores(FLAGS.cores)
-  print(f"host memory kept between steps: {backend.keep_freed_host_memory()}")
-  print(f"CPUs {cpus}")
+  common.prepare_host(FLAGS.cores)
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()})")
   if jax.default_backend() == "cpu":
