@@ -181,6 +181,11 @@ class Checkpoints:
       (self.latest.directory / str(step)).rename(target)
     self.latest.reload()
 
+  def wait(self) -> None:
+    """Waits for the pending (asynchronous) saves; raises the fault that stopped one."""
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
+
   def close(self) -> None:
     """Waits for pending writes and closes the managers (again: nothing)."""
     if self._closed:

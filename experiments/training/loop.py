@@ -120,6 +120,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if stopping and not events.stop:
           raise errors.Preempted(step)
       final = evaluations.final(state, step) if plan.finished else {}
+      # results.json says the run reached `step`: only once that step's checkpoint is on
+      # disk, else a restart after a failed final save would find nothing to do.
+      checkpoints.wait()
       return finish(setup, step, state, final, record=record, watch=watch, writer=writer)
 
 

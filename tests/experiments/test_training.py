@@ -232,6 +232,18 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
   assert resumed.results.best_validation_error == straight.results.best_validation_error
 
 
+def test_no_results_claim_a_step_whose_checkpoint_failed_to_save(tmp_path, monkeypatch):
+  # Orbax saves in the background; a fault in the final save must surface before
+  # results.json says the run finished, or the next run would find nothing to do.
+  from experiments.training import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
+  def disk_full(self):
+    raise OSError(28, "No space left on device", str(self.workdir))
+  monkeypatch.setattr(checkpoints_lib.Checkpoints, "wait", disk_full)
+  with pytest.raises(OSError, match="No space left on device"):
+    loop.train_and_evaluate(tiny_config(epochs=1), str(tmp_path), source=tiny_dataset())
+  assert not (tmp_path / "results.json").exists()
+
+
 def test_bad_configuration_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="does not split over 4 devices"):
     loop.train_and_evaluate(tiny_config(batch_size=10), str(tmp_path), source=tiny_dataset())
