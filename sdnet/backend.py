@@ -89,30 +89,44 @@ def _compiled_probe() -> str | None:
     return None
 
 
-def auto_skip(mode: options.Mode = "batch", *, stage: bool = True) -> str:
-  """The implementation `skip="auto"` stands for (a stage's, or a lone block's).
+def auto_skip(mode: options.Mode = "batch", *, stage: bool = True,
+              drop_rate: float | None = None) -> str:
+  """The implementation `skip="auto"` stands for (a stage's, or a lone block's), in
+  `mode`, for a block dropped with probability `drop_rate` (None: not known statically).
 
-  Per-example gates (row mode) cannot skip, so they mask. Otherwise:
+  Batch mode (one gate per mini-batch):
     CPU  "cond"    measured: per-block cond, its stages unrolled, is the fastest at
                    ResNet-56 and -110 on both JAX versions.
     GPU  "compact" for a stage, "cond" for a lone block; reasoned: XLA:GPU copies every
                    conditional's predicate to the host and waits, and compaction runs
                    bit_length(n) conditionals per stage of n blocks instead of n.
     TPU  "cond"    reasoned: TPUs evaluate predicates on the device.
+  Row and subset modes (per-example gates):
+    CPU  "mask"    measured (`benchmarks.drop_path`): gathering the kept rows lost to
+                   masking at every rate on ViT-S and ConvNeXt-T steps.
+    GPU, TPU  "gather" above a drop rate of ROW_GATHER_FROM, else "mask"; reasoned, not
+                   measured: DINOv2 found its subset gather paid only above 0.1.
   """
-  if mode == "row":
-    return "mask"
+  if mode in options.ROW_MODES:
+    if platform() == "cpu":
+      return "mask"
+    return "gather" if drop_rate is None or drop_rate > ROW_GATHER_FROM else "mask"
   if platform() == "gpu" and stage:
     return "compact"
   return "cond"
 
 
-def resolve_skip(skip: str, mode: options.Mode = "batch", *, stage: bool = True) -> str:
-  """"cond", "mask" or "compact": what `skip` stands for on this backend and in `mode`
-  (per-example gates always mask: some rows of the batch need every branch)."""
+ROW_GATHER_FROM = 0.1
+"""The drop rate above which `auto_skip` gathers kept rows on an accelerator."""
+
+
+def resolve_skip(skip: str, mode: options.Mode = "batch", *, stage: bool = True,
+                 drop_rate: float | None = None) -> str:
+  """"cond", "compact", "gather" or "mask": what `skip` stands for on this backend, in
+  `mode` and at `drop_rate` (`auto_skip`)."""
   if skip == "auto":
-    return auto_skip(mode, stage=stage)
-  return "mask" if mode == "row" else skip
+    return auto_skip(mode, stage=stage, drop_rate=drop_rate)
+  return skip
 
 
 def branch_policy(conv_output: str, gated: bool):

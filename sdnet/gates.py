@@ -36,21 +36,53 @@ def check_key(key) -> None:
       f"{shape}. Integers and seeds are not keys: wrap them with jax.random.key(seed).")
 
 
-def draw(key, probs, mode: options.Mode = "batch",
-         batch_size: int | None = None) -> jax.Array:
-  """Draws the gates b_l ~ Bernoulli(p_l) of one mini-batch.
+def subset_size(p: float, rows: int) -> int:
+  """k = round(p * rows), at least 1: how many of `rows` examples run a block of survival
+  probability p in subset mode (DINOv2's `sample_subset_size`, rounded not floored)."""
+  return max(1, min(rows, int(np.round(float(p) * rows))))
 
-  batch mode: one gate per block, shape (L,), shared by every example (the paper).
-  row mode: one gate per block and example, shape (L, batch_size).
+
+def draw(key, probs, mode: options.Mode = "batch",
+         batch_size: int | None = None, groups: int = 1) -> jax.Array:
+  """Draws the gates of one mini-batch.
+
+  batch mode: b_l ~ Bernoulli(p_l), one per block, shape (L,), shared by every example
+    (the paper).
+  row mode: b_{l,i} ~ Bernoulli(p_l), one per block and example, shape (L, batch_size).
+  subset mode: shape (L, batch_size); the batch is split into `groups` equal contiguous
+    parts of n rows, and in each exactly k_l = `subset_size(p_l, n)` rows, drawn uniformly
+    without replacement, are open (DINOv2's fixed subset). E[b_{l,i}] = k_l / n, which
+    differs from p_l by the rounding only. `probs` must be concrete (k_l sets shapes).
   """
   check_key(key)
   options.check("gate mode", mode, options.Mode)
-  p = jnp.asarray(probs, jnp.float32)
   if mode == "batch":
-    return jax.random.bernoulli(key, p)
+    return jax.random.bernoulli(key, jnp.asarray(probs, jnp.float32))
   if batch_size is None:
-    raise ValueError("row mode draws one gate per example: give batch_size.")
-  return jax.random.bernoulli(key, p[:, None], (p.shape[0], batch_size))
+    raise ValueError(f"{mode} mode draws one gate per example: give batch_size.")
+  if mode == "row":
+    p = jnp.asarray(probs, jnp.float32)
+    return jax.random.bernoulli(key, p[:, None], (p.shape[0], batch_size))
+  try:
+    p = np.asarray(probs, np.float64)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("subset mode needs static survival probabilities (Python floats or "
+                     "NumPy arrays): they set how many rows run each block.") from None
+  rows = check_groups(batch_size, groups)
+  k = np.array([subset_size(pl, rows) for pl in p], np.int32)
+  order = jnp.argsort(jax.random.uniform(key, (p.shape[0], groups, rows)), axis=-1)
+  rank = jnp.argsort(order, axis=-1)  # a uniformly random permutation of 0..n-1
+  return (rank < k[:, None, None]).reshape(p.shape[0], batch_size)
+
+
+def check_groups(batch_size: int, groups: int) -> int:
+  """Rows per group: `groups` must be a positive integer that divides `batch_size`."""
+  if not isinstance(groups, (int, np.integer)) or groups < 1 or batch_size % groups:
+    raise ValueError(
+        f"row_groups must be a positive divisor of the batch size {batch_size}, got "
+        f"{groups!r}: set it to the number of devices the batch is sharded over (1 under "
+        "pmap or on one device).")
+  return batch_size // groups
 
 
 def check_gates(gates, num_blocks: int, mode: options.Mode = "batch",
@@ -71,7 +103,7 @@ def check_gates(gates, num_blocks: int, mode: options.Mode = "batch",
 
 
 def resolve(key, gates, probs, mode: options.Mode = "batch",
-            batch_size: int | None = None):
+            batch_size: int | None = None, groups: int = 1):
   """The gates of a training step: from explicit `gates` or drawn with `key`.
 
   Returns None when the network has constant depth and no explicit gates were given:
@@ -85,7 +117,7 @@ def resolve(key, gates, probs, mode: options.Mode = "batch",
     return check_gates(gates, probs.shape[0], mode, batch_size)
   if key is not None:
     check_key(key)
-    return None if np.all(probs == 1.0) else draw(key, probs, mode, batch_size)
+    return None if np.all(probs == 1.0) else draw(key, probs, mode, batch_size, groups)
   if np.all(probs == 1.0):
     return None
   raise ValueError(

@@ -187,7 +187,8 @@ class ResNet(nn.Module):
       (`sdnet.compaction`: a stage's survivors run in a few fixed-length scans), or
       "auto" (`sdnet.backend.auto_skip`). All give the same math.
     scaling: "paper" (branch x p_l at test), "inverted" (branch / p_l in training), "none".
-    mode: "batch" (one gate per block and mini-batch, the paper) or "row" (per example).
+    mode: "batch" (one gate per block and mini-batch, the paper), "row" (per example) or
+      "subset" (exactly round(p_l * B) examples per block; `sdnet.options.Mode`).
     dtype: computation dtype (parameters and BatchNorm statistics stay float32).
     axis_name: the pmap/shard_map axis for cross-replica BatchNorm, or None.
     conv_bias: convolutions carry a bias (the authors' CIFAR code does).
@@ -227,10 +228,18 @@ class ResNet(nn.Module):
     options.check("scaling rule", self.scaling, options.Scaling)
     options.check("mode", self.mode, options.Mode)
     options.check_skip_for_mode(self.skip, self.mode)
+    if self.mode in options.ROW_MODES and self.skip == "gather":
+      raise ValueError(
+          "skip='gather' runs a branch on the kept examples only, and a ResNet's branches "
+          "hold BatchNorm, whose batch statistics would then differ from masking's: use "
+          "skip='mask' (or 'auto') with per-example gates.")
     super().__post_init__()
 
   def stage_skip(self) -> str:
-    """"cond", "mask" or "compact": what `skip` stands for on this backend and mode."""
+    """"cond", "mask" or "compact": what `skip` stands for on this backend and mode (per
+    example, a ResNet masks: its branches hold BatchNorm)."""
+    if self.mode in options.ROW_MODES:
+      return "mask"
     return backend.resolve_skip(self.skip, self.mode, stage=True)
 
   @property
@@ -469,6 +478,14 @@ def __getattr__(name: str):
                   DeprecationWarning, stacklevel=2)
     return globals()[new]
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The other model families, re-exported so that every network is `models.<Name>`; their
+# modules do not import this one.
+from sdnet.convnext import (  # noqa: E402  pylint: disable=wrong-import-position
+    ConvNeXt, ConvNeXt_B, ConvNeXt_S, ConvNeXt_T, ConvNeXt_Test)
+from sdnet.vit import (  # noqa: E402  pylint: disable=wrong-import-position
+    VisionTransformer, ViT_B16, ViT_S16, ViT_Test, ViT_Ti16)
 
 
 def count_params(params) -> int:

@@ -8,15 +8,24 @@ Scaling rules (`scaling=`):
   "inverted" s_train = 1 / p_l, s_eval = 1     (timm / torchvision style)
   "none"     s_train = 1,       s_eval = 1
 
-Skipping (`skip=`): how a dropped branch is handled in training, both exact:
-  "cond" the branch sits in `lax.cond`: a dropped branch is not computed, its BatchNorm
-         statistics stay as they were, its parameters get zero loss-gradient.
-  "mask" the branch is always computed and multiplied by its gate; BatchNorm statistics
-         are reset to their old values where the gate is closed, so the math (outputs,
-         gradients, new statistics) equals "cond", but the dropped work is still done.
-         For `vmap` users, per-example gates, and backends where conditionals cost more
-         than the branch (XLA:CPU).
-  "auto" the choice for the current backend (`sdnet.backend.auto_skip`).
+Gates (`mode=`): one per mini-batch (the paper), one per example ("row", drop path), or
+exactly round(p_l * n) examples of every n ("subset", DINOv2's); see `sdnet.options.Mode`.
+
+Skipping (`skip=`): how a dropped branch is handled in training, all exact:
+  "cond"   batch mode: the branch sits in `lax.cond`: a dropped branch is not computed, its
+           BatchNorm statistics stay as they were, its parameters get zero loss-gradient.
+  "gather" row and subset modes: the branch runs on the kept examples only, gathered into
+           a smaller batch and scattered back (`sdnet.rows`); a dropped example gets its
+           shortcut alone. Refused for a branch with batch statistics in training: they
+           would be computed over other examples than masking's.
+  "mask"   every mode: the branch is always computed and multiplied by its gate; in batch
+           mode BatchNorm statistics are reset to their old values where the gate is
+           closed, so the math equals "cond"; in the row modes a BatchNorm in the branch
+           sees the whole batch (as timm's drop path). The dropped work is still done.
+  "auto"   the choice for the current backend and drop rate (`sdnet.backend.auto_skip`).
+
+In subset mode the "inverted" rule scales by n / k (DINOv2's B / k), the kept fraction
+actually drawn, instead of 1 / p_l.
 Skipping a whole stage of same-shape blocks at once ("compact") is a method of the
 ResNet (`sdnet.models`, `sdnet.compaction`), not of a lone block.
 
@@ -32,30 +41,45 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from sdnet import backend
 from sdnet import gates as gates_lib
 from sdnet import options
+from sdnet import rows
 
 
-def resolve_skip(skip: options.Skip, mode: options.Mode = "batch") -> str:
-  """"cond" or "mask": the implementation `skip` stands for on this backend and mode."""
+def resolve_skip(skip: options.Skip, mode: options.Mode = "batch",
+                 drop_rate: float | None = None) -> str:
+  """"cond", "gather" or "mask": what `skip` stands for on this backend, in this mode and
+  at this drop rate 1 - p_l (None: not known statically)."""
   options.check("skip implementation", skip, options.Skip)
   options.check("mode", mode, options.Mode)
   options.check_skip_for_mode(skip, mode)
-  return backend.resolve_skip(skip, mode, stage=False)
+  return backend.resolve_skip(skip, mode, stage=False, drop_rate=drop_rate)
 
 
 def _is_static_one(p) -> bool:
   return isinstance(p, (int, float)) and p == 1
 
 
-def branch_scale(survival_prob, train: bool, scaling: options.Scaling):
-  """s_train or s_eval of the module docstring (None when it is the constant 1)."""
+def branch_scale(survival_prob, train: bool, scaling: options.Scaling,
+                 kept_fraction=None):
+  """s_train or s_eval of the module docstring (None when it is the constant 1);
+  `kept_fraction` replaces p_l in s_train = 1 / p_l (subset mode's k / n)."""
   if _is_static_one(survival_prob) or scaling == "none":
     return None
   if scaling == "paper":
     return None if train else survival_prob
-  return 1.0 / survival_prob if train else None
+  if not train:
+    return None
+  return 1.0 / (survival_prob if kept_fraction is None else kept_fraction)
+
+
+def _static_drop_rate(survival_prob) -> float | None:
+  if isinstance(survival_prob, (int, float, np.floating, np.integer)):
+    return 1.0 - float(survival_prob)
+  return None
 
 
 class StochasticResidual(nn.Module):
@@ -68,7 +92,11 @@ class StochasticResidual(nn.Module):
     activation: applied after the addition (post-activation ResNets); none if None.
     skip: "cond", "mask" or "auto" (see the module docstring).
     scaling: "paper", "inverted" or "none" (see the module docstring).
-    mode: "batch" (one gate per mini-batch, the paper) or "row" (one per example).
+    mode: "batch" (one gate per mini-batch, the paper), "row" (one per example) or
+      "subset" (exactly round(p_l * n) examples of every n).
+    row_groups: in the row modes, the number of contiguous equal parts of the batch that
+      gather their kept rows apart: the number of devices the batch is sharded over under
+      `jit` (so no device gathers another's rows); 1 under `pmap` or on one device.
 
   Call with `train`, the block's `survival_prob` p_l (a Python float or a scalar array,
   e.g. inside `nn.scan`), and in training either `gate` (bool scalar, or (batch,) in row
@@ -82,6 +110,7 @@ class StochasticResidual(nn.Module):
   skip: options.Skip = "auto"
   scaling: options.Scaling = "paper"
   mode: options.Mode = "batch"
+  row_groups: int = 1
 
   def __post_init__(self):
     resolve_skip(self.skip, self.mode)
@@ -92,15 +121,25 @@ class StochasticResidual(nn.Module):
   def __call__(self, x, *, train: bool, survival_prob: Any = 1.0,
                gate: jax.Array | bool | None = None, key: jax.Array | None = None):
     residual = self.shortcut(x) if self.shortcut is not None else x
-    scale = branch_scale(survival_prob, train, self.scaling)
+    row_modes = self.mode in options.ROW_MODES
+    subset = None
+    if self.mode == "subset" and train and not _is_static_one(survival_prob):
+      if _static_drop_rate(survival_prob) is None:
+        raise ValueError("subset mode needs survival_prob as a Python float: it sets how "
+                         "many rows run the branch (a static shape).")
+      rows_per_group = gates_lib.check_groups(x.shape[0], self.row_groups)
+      subset = gates_lib.subset_size(survival_prob, rows_per_group)
+    scale = branch_scale(survival_prob, train, self.scaling,
+                         None if subset is None else subset / (x.shape[0] // self.row_groups))
     if key is not None:
       if not train:
         raise ValueError("key= draws a training gate; at evaluation the block runs with "
                          "its branch scaled by p_l. Pass gate=False to evaluate without it.")
       if gate is not None:
         raise ValueError("pass either key= or gate=, not both.")
-      gate = gates_lib.draw(key, jnp.reshape(survival_prob, (1,)), self.mode,
-                            x.shape[0])[0]
+      probs = (np.reshape(survival_prob, (1,)) if subset is not None
+               else jnp.reshape(survival_prob, (1,)))
+      gate = gates_lib.draw(key, probs, self.mode, x.shape[0], self.row_groups)[0]
     elif gate is None and train and not _is_static_one(survival_prob):
       raise ValueError(
           "train=True with survival_prob < 1 needs gate= or key=; the block cannot "
@@ -119,16 +158,33 @@ class StochasticResidual(nn.Module):
       return finish(None)
 
     gate = jnp.asarray(gate, jnp.bool_)
-    if resolve_skip(self.skip, self.mode) == "cond":
+    how = resolve_skip(self.skip, self.mode, _static_drop_rate(survival_prob))
+    if how == "cond":
       return nn.cond(gate,
                      lambda branch, h: finish(scaled(branch(h))),
                      lambda branch, h: finish(None),
                      self.branch, x)
+    if how == "gather" and gate.ndim == 1:
+      if self.is_mutable_collection("batch_stats") and _has_batch_stats(self.branch):
+        raise ValueError(
+            "skip='gather' runs the branch on the kept examples only, so its BatchNorm "
+            "would compute batch statistics over other examples than masking does: use "
+            "skip='mask' (statistics over the whole batch, as timm's drop path) for a "
+            "branch with batch statistics.")
+      return finish(rows.run_kept(
+          lambda branch, h: scaled(branch(h)), self.branch, x, gate,
+          groups=self.row_groups, subset=subset,
+          switch=lambda i, fns, branch, h: nn.switch(i, fns, branch, h)))
 
-    y = _run_keeping_statistics(self.branch, x, gate) if self.mode == "batch" else (
-        self.branch(x))
+    y = (_run_keeping_statistics(self.branch, x, gate) if not row_modes
+         else self.branch(x))
     open_ = jnp.reshape(gate, gate.shape + (1,) * (y.ndim - gate.ndim))
     return finish(jnp.where(open_, scaled(y), jnp.zeros((), y.dtype)))
+
+
+def _has_batch_stats(module: nn.Module) -> bool:
+  """Whether a bound module (a branch) holds batch statistics."""
+  return bool(module.variables.get("batch_stats"))
 
 
 def _run_keeping_statistics(branch: nn.Module, x, gate):

@@ -49,6 +49,23 @@ def uniform(num_blocks: int, p: float) -> np.ndarray:
   return np.full((num_blocks,), float(p))
 
 
+def drop_path_linear(num_blocks: int, rate: float) -> np.ndarray:
+  """The drop-path schedule of DeiT, Swin and ConvNeXt (timm's `linspace(0, rate, L)`).
+
+  p_i = 1 - rate * i / (L - 1),  i = 0..L-1,
+
+  so the first block never drops and the last drops with probability `rate` (L = 1:
+  p_0 = 1). Unlike the paper's Eq. (4), the denominator is L - 1 and the count starts at
+  0: `linear_decay(L, 1 - rate)` gives 1 - rate * l / L for l = 1..L instead.
+  """
+  _check_num_blocks(num_blocks)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(
+        f"drop_path_rate must lie in [0, 1), got {rate}: it is the probability that the "
+        "last block is dropped for an example (0 disables drop path).")
+  return 1.0 - np.linspace(0.0, rate, num_blocks, dtype=np.float64)
+
+
 def validate(probs: SurvivalSpec, num_blocks: int | None = None) -> np.ndarray:
   """Checks an explicit per-block array of survival probabilities and returns it."""
   arr = np.asarray(probs, dtype=np.float64)

@@ -136,7 +136,7 @@ def test_mask_works_under_vmap_over_gates():
 
 
 def test_bad_options_and_missing_gate_fail_clearly():
-  with pytest.raises(ValueError, match="cannot be skipped"):
+  with pytest.raises(ValueError, match="cannot skip it whole. Use skip='gather'"):
     StochasticResidual(DenseBN(True), skip="cond", mode="row")
   with pytest.raises(ValueError, match="unknown scaling rule"):
     StochasticResidual(DenseBN(True), scaling="halve")
@@ -144,7 +144,7 @@ def test_bad_options_and_missing_gate_fail_clearly():
     StochasticResidual(DenseBN(True), skip="select")
   # Compaction is a method of a whole stage (sdnet.models.ResNet), not of one block.
   with pytest.raises(ValueError, match=r"unknown skip implementation 'compact'; choose one "
-                     r"of \('auto', 'cond', 'mask'\)"):
+                     r"of \('auto', 'cond', 'mask', 'gather'\)"):
     StochasticResidual(DenseBN(True), skip="compact")
   with pytest.raises(ValueError, match="needs gate= or key="):
     Net(True).apply(init(), X, 0.5, mutable=["batch_stats"])
