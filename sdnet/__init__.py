@@ -2,11 +2,13 @@
 
 The library: survival schedules (`survival`), key-drawn gates (`gates`), a stochastic
 residual around any Flax branch (`StochasticResidual`), stage compaction (`compaction`),
-ResNets (`models`), and the per-backend policy (`backend`). It needs jax, flax and numpy
-only; the paper's training protocol lives in the repository's `experiments/`.
+ResNets (`models`, which re-exports the others), Vision Transformers (`vit`), ConvNeXts
+(`convnext`), and the per-backend policy (`backend`). It needs jax, flax and numpy only;
+the paper's training protocol lives in the repository's `experiments/`.
 """
 
-from sdnet import backend, compaction, gates, models, options, residual, survival
+from sdnet import (backend, compaction, convnext, gates, models, options, residual,
+                   survival, vit)
 from sdnet.residual import StochasticResidual
 
 __version__ = "0.2.0"

@@ -123,4 +123,4 @@ def resolve(key, gates, probs, mode: options.Mode = "batch",
   raise ValueError(
       "train=True needs the block gates: pass key=<PRNG key> to draw them (the same key "
       "on every device in data-parallel training), or gates=<bool array of one entry per "
-      "block>. For a network without stochastic depth, set p_last=1.")
+      "block>. For a network without stochastic depth, set p_last=1 (drop_path_rate=0).")
