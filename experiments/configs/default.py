@@ -28,14 +28,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.input_workers = -1  # ImageNet: decoding processes (0: threads; -1: automatic)
 
   config.model = ml_collections.ConfigDict()
-  config.model.family = "cifar"  # cifar (6n+2) | imagenet (50/101/152; 14/26 small)
-  config.model.depth = 110
+  config.model.family = "cifar"  # cifar (6n+2) | imagenet (50/101/152; 14/26 small) | vit | convnext
+  config.model.depth = 110  # cifar and imagenet families
+  config.model.size = ""  # vit: ti | s | b | test; convnext: t | s | b | test
+  config.model.patch_size = 16  # vit: the side of a patch
 
   config.survival = ml_collections.ConfigDict()
   config.survival.p_last = 0.5  # 1.0 = constant depth
   config.survival.rule = "linear_decay"  # linear_decay | uniform
   config.survival.scaling = "paper"  # paper | inverted | none
-  config.skip = "auto"  # auto | cond | mask | compact (sdnet.backend.auto_skip)
+  config.survival.mode = "batch"  # batch (the paper) | row (drop path) | subset (DINOv2)
+  config.survival.drop_path_rate = 0.1  # vit / convnext: timm's linear schedule to this
+  config.skip = "auto"  # auto | cond | mask | compact | gather (sdnet.backend.auto_skip)
   config.dtype = "float32"  # float32 | bfloat16 | float16
   config.remat = False
 
@@ -49,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
+  config.optimizer = "sgd"  # sgd (Nesterov, coupled L2: the paper) | adamw (decoupled)
+  config.schedule = "piecewise"  # piecewise (the paper) | cosine (linear warm-up, cosine)
+  config.min_learning_rate = 0.0  # cosine: the rate it ends at
+  config.label_smoothing = 0.0  # training loss only; evaluation reports plain cross-entropy
 
   config.eval_every_steps = 0  # 0: every epoch
   config.eval_batch_size = 1000

@@ -9,8 +9,12 @@ import jax
 import ml_collections
 
 from experiments.runtime import errors
+from experiments.training import recipe
+from sdnet import options
 
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("piecewise", "cosine")
 # Decoding processes beyond this many a core only fill the memory (each holds its own
 # interpreter, ~200 MB): a user asking more made a typo.
 MAX_WORKERS_PER_CORE = 4
@@ -46,6 +50,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if any(not 0 < f < 1 for f in config.lr_drop_fractions):
     raise errors.UserError(
         f"lr_drop_fractions must lie in (0, 1), got {config.lr_drop_fractions}.")
+  for name, value, allowed in (
+      ("model.family", config.model.family, recipe.FAMILIES),
+      ("optimizer", config.optimizer, OPTIMIZERS), ("schedule", config.schedule, SCHEDULES),
+      ("survival.mode", config.survival.mode, options.choices(options.Mode))):
+    if value not in allowed:
+      raise errors.UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}.")
+  for name, value, high in (("label_smoothing", config.label_smoothing, 1.0),
+                            ("survival.drop_path_rate", config.survival.drop_path_rate, 1.0)):
+    if not (isinstance(value, (int, float)) and 0 <= value < high):
+      raise errors.UserError(f"{name} must be a number in [0, {high:g}), got {value!r}.")
+  value = config.min_learning_rate
+  if not (isinstance(value, (int, float)) and 0 <= value <= config.learning_rate):
+    raise errors.UserError(
+        f"min_learning_rate must be a number in [0, learning_rate = "
+        f"{config.learning_rate:g}], got {value!r}.")
   if config.dtype not in DTYPES:
     raise errors.UserError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
   for name in ("eval_every_steps", "log_every_steps", "checkpoint_every_steps",

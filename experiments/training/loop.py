@@ -224,7 +224,7 @@ def finish(setup: setup_lib.Setup, step: int, state, final: dict[str, dict], *,
       dataset=setup.source.describe(), epochs=plan.epoch(step),
       steps_per_epoch=plan.steps_per_epoch, train_images_per_s=images_per_s,
       seconds_per_epoch=seconds_per_epoch, survival_probs=[float(p) for p in probs],
-      expected_depth=survival_lib.expected_depth(probs), num_blocks=setup.model.num_blocks,
+      expected_depth=survival_lib.expected_depth(probs), num_blocks=len(probs),
       parameters=models.count_params(host_state.params),
       config_changes=record.config_changes)
   writer.write_results(results)

@@ -19,7 +19,6 @@ from experiments.training import plan as plan_lib
 from experiments.training import recipe
 from experiments.training import resume
 from experiments.training import steps
-from sdnet import models
 from sdnet import survival as survival_lib
 
 
@@ -30,8 +29,8 @@ class Setup:
   config: ml_collections.ConfigDict
   source: data.Source
   identity: dict  # the source's identity, what a restart compares
-  model: models.ResNet
-  eval_model: models.ResNet
+  model: Any  # models.ResNet, VisionTransformer or ConvNeXt
+  eval_model: Any
   plan: plan_lib.Plan
   schedule: optax.Schedule
   tx: optax.GradientTransformation
@@ -54,10 +53,11 @@ class Setup:
     plan = plan_lib.Plan.of(config, source.num_train)
     schedule = recipe.learning_rate_schedule(config, plan.steps_per_epoch)
     probs = model.survival_probs()
-    logging.info("model: %s-%d, %d blocks, expected depth %.2f, skip=%s; %d steps "
-                 "(%d/epoch)", config.model.family, config.model.depth, model.num_blocks,
+    skip = (model.stage_skip() if hasattr(model, "stage_skip") else config.skip)
+    logging.info("model: %s, %d stochastic blocks, expected depth %.2f, skip=%s; %d steps "
+                 "(%d/epoch)", recipe.describe_model(config), len(probs),
                  survival_lib.expected_depth(probs),
-                 model.stage_skip() if min(probs) < 1 else "none (every p_l = 1)",
+                 skip if min(probs) < 1 else "none (every p_l = 1)",
                  plan.total_steps, plan.steps_per_epoch)
     return cls(config, source, identity, model, eval_model, plan, schedule,
                recipe.make_optimizer(config, schedule))
@@ -92,7 +92,8 @@ def compile_train_steps(setup: Setup, state, metrics, lengths) -> dict:
   """
   source = setup.source
   p_train = steps.make_train_step(setup.model, setup.tx, seed=setup.config.seed,
-                                  preprocess=source.preprocess)
+                                  preprocess=source.preprocess,
+                                  label_smoothing=setup.config.label_smoothing)
   if jax.process_count() > 1:
     return {length: p_train for length in lengths}
   shard = data.Shard.of_this_process()

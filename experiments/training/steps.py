@@ -26,6 +26,7 @@ import optax
 
 from experiments.training.recipe import AXIS
 from sdnet import backend
+from sdnet import options
 
 GATE_STREAM, AUGMENT_STREAM = 0, 1
 
@@ -95,18 +96,30 @@ def summarize(totals: Mapping[str, Any]) -> dict:
 
 
 def first_block_kernel(params) -> jax.Array:
-  """The first convolution of the first residual block (the paper's Fig. 7 layer).
+  """The first kernel of the first residual block (the paper's Fig. 7 layer).
 
-  In a scanned stage its kernel is stacked along a leading block axis: take block 1.
+  ResNet: the first convolution of block 1; in a scanned stage its kernel is stacked
+  along a leading block axis: take block 1. ViT and ConvNeXt: the first kernel, in key
+  order, of their first block ("block0", "stage1_block0_branch").
   """
-  stage = params.get("stage1_first") or params["stage1_blocks"]
-  kernel = stage["branch"]["Conv_0"]["kernel"]
-  return kernel if "stage1_first" in params else kernel[0]
+  if "stage1_first" in params or "stage1_blocks" in params:
+    stage = params.get("stage1_first") or params["stage1_blocks"]
+    kernel = stage["branch"]["Conv_0"]["kernel"]
+    return kernel if "stage1_first" in params else kernel[0]
+  first = next((params[k] for k in sorted(params)
+                if k in ("block0", "stage1_block0_branch")), params)
+  leaves = jax.tree_util.tree_leaves_with_path(first)
+  return next((leaf for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel"),
+              leaves[0][1])
 
 
-def cross_entropy(logits, labels):
-  """Softmax cross-entropy per example."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Softmax cross-entropy per example, against labels smoothed by `label_smoothing`
+  (Szegedy et al., 2016: (1 - a) one_hot + a / classes)."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 # ------------------------------------------------------------------------ pure steps
@@ -119,15 +132,20 @@ def gate_key(seed_key, step):
 
 
 def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed_key,
-               preprocess: Preprocess, axis_name: str | None = AXIS):
-  """One SGD step on this device's share of the global batch.
+               preprocess: Preprocess, axis_name: str | None = AXIS,
+               label_smoothing: float = 0.0):
+  """One optimiser step on this device's share of the global batch.
 
-  The gate key depends only on (seed, step): identical on every device, as the paper's
-  one-mask-per-mini-batch and cross-replica BatchNorm require. The augmentation key
-  depends on (seed, step, device).
+  In batch mode the gate key depends only on (seed, step): identical on every device, as
+  the paper's one-mask-per-mini-batch and cross-replica BatchNorm require. Per-example
+  gates (row and subset modes) are drawn per device too, (seed, step, device), as
+  dropout's: the same key would give the i-th example of every device the same gates.
+  The augmentation key depends on (seed, step, device).
   """
   step_gate_key = gate_key(seed_key, state.step)
   device = jax.lax.axis_index(axis_name) if axis_name else 0
+  if getattr(model, "mode", "batch") in options.ROW_MODES:
+    step_gate_key = jax.random.fold_in(step_gate_key, device)
   augment_key = jax.random.fold_in(
       jax.random.fold_in(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step), device)
   images = preprocess(batch, augment_key)
@@ -136,8 +154,8 @@ def train_step(state: TrainState, batch: dict, metrics: dict, *, model, tx, seed
     logits, new_state = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         key=step_gate_key, mutable=["batch_stats"])
-    losses = cross_entropy(logits, batch["labels"])
-    return jnp.mean(losses), (logits, losses, new_state["batch_stats"])
+    losses = cross_entropy(logits, batch["labels"], label_smoothing)
+    return jnp.mean(losses), (logits, losses, new_state.get("batch_stats", {}))
 
   grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   with jax.named_scope("update"):  # names the optimizer's work in profiles
@@ -189,11 +207,12 @@ def eval_step(state: TrainState, batch: dict, *, model, preprocess: Preprocess,
 # -------------------------------------------------------------- the compiled steps
 
 
-def make_train_step(model, tx, *, seed: int, preprocess: Preprocess):
+def make_train_step(model, tx, *, seed: int, preprocess: Preprocess,
+                    label_smoothing: float = 0.0):
   """The training step as every caller runs it: `train_steps` pmapped over the local
   devices, state and metrics donated. Called as (state, batches, metrics)."""
   step = functools.partial(train_steps, model=model, tx=tx, seed_key=jax.random.key(seed),
-                           preprocess=preprocess)
+                           preprocess=preprocess, label_smoothing=label_smoothing)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 2))
 
 

@@ -1,0 +1,211 @@
+r"""Times a drop-path train step per method: no drop path, masking, gathering the kept rows,
+DINOv2's fixed subset.
+
+  python -m benchmarks.drop_path                                  # the CPU table
+  python -m benchmarks.drop_path --models=vit_s16:224:128,convnext_t:224:128  # GPU / TPU
+  python -m benchmarks.drop_path --small                          # a check of the script
+
+Each case is MODEL:IMAGE_SIZE:BATCH (models: vit_ti16, vit_s16, vit_b16, convnext_t,
+convnext_s, convnext_b at 1000 classes). The step is forward, backward and an AdamW update
+(weight decay 0.05, label smoothing 0.1: the DeiT / ConvNeXt recipe's arithmetic), jitted
+with its state donated, on random images; gates come from the step's key folded with the
+step, so every timed step draws new gates. Variants, per `--rates` (timm's linear
+schedule: block i drops with rate * i / (L - 1)):
+
+  none           drop_path_rate 0: the plain network, nothing drawn
+  mask R         per-example Bernoulli gates, every row computed and multiplied (timm)
+  gather R       the same gates, the branch run on the kept rows only (`sdnet.rows`)
+  subset R       exactly round(p_l * B) rows per block, gathered (DINOv2), no conditional
+  subset-mask R  the same subset draw, masked: what the subset's gather saves
+
+Every variant is compiled ahead of time, then timed interleaved (`common.interleave`),
+median over --repeats of --calls steps each. Printed beside each time: its ratio to
+masking at the same rate ("/mask") and to no drop path ("/none"), and "rows": the mean
+fraction of block rows the timed steps computed (padding included; 1 for masking).
+With PyTorch installed, --torch adds timm-style masking and DINOv2's subset in PyTorch
+eager, in this process (`benchmarks.torch_drop_path`).
+"""
+
+import functools
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from sdnet import gates as gates_lib
+from sdnet import models
+from sdnet import rows
+
+FLAGS = flags.FLAGS
+
+MODELS = {"vit_ti16": models.ViT_Ti16, "vit_s16": models.ViT_S16, "vit_b16": models.ViT_B16,
+          "convnext_t": models.ConvNeXt_T, "convnext_s": models.ConvNeXt_S,
+          "convnext_b": models.ConvNeXt_B, "vit_test": models.ViT_Test,
+          "convnext_test": models.ConvNeXt_Test}
+METHODS = ("mask", "gather", "subset", "subset-mask")
+
+
+def define_flags():
+  flags.DEFINE_list("models", ["vit_s16:112:64", "convnext_t:64:32"],
+                    "MODEL:IMAGE_SIZE:BATCH cases.")
+  flags.DEFINE_list("rates", ["0.1", "0.2", "0.4", "0.5"], "drop_path_rate values.")
+  flags.DEFINE_list("methods", list(METHODS), f"Methods of {METHODS} to time.")
+  flags.DEFINE_integer("repeats", 7, "Interleaved repetitions per variant.")
+  flags.DEFINE_integer("calls", 2, "Timed steps per repetition.")
+  flags.DEFINE_integer("seed", 0, "Seed of the steps' gate draws.")
+  flags.DEFINE_integer("cores", 0, "Pin to this many CPUs (0: all), as every benchmark.")
+  flags.DEFINE_bool("small", False, "Tiny models at batch 8: a CPU check of the script.")
+  flags.DEFINE_bool("torch", False, "Also time PyTorch eager peers (needs torch).")
+  flags.DEFINE_string("out", "", "Write the rows as JSON here.")
+
+
+def parse_cases(specs, small=False):
+  if small:
+    return [("vit_test", 32, 8), ("convnext_test", 32, 8)]
+  cases = []
+  for spec in specs:
+    name, size, batch = spec.split(":")
+    if name not in MODELS:
+      raise app.UsageError(f"unknown model {name!r} in --models; choose of {sorted(MODELS)}.")
+    cases.append((name, int(size), int(batch)))
+  return cases
+
+
+def build(name: str, rate: float, method: str, num_classes: int = 1000):
+  """The model of a variant: `method` "none", or one of METHODS at `rate`."""
+  if method == "none":
+    return MODELS[name](num_classes=num_classes)
+  mode = "subset" if method.startswith("subset") else "row"
+  skip = "mask" if method.endswith("mask") else "gather"
+  return MODELS[name](num_classes=num_classes, drop_path_rate=rate, mode=mode, skip=skip)
+
+
+def make_step(model, tx, smoothing: float = 0.1):
+  """The jitted train step (state, images, labels, key) -> (state, loss); state donated."""
+  def step(state, images, labels, key):
+    params, opt_state, count = state
+    step_key = jax.random.fold_in(key, count)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images, train=True, key=step_key)
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+      return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, count + 1), loss
+  return jax.jit(step, donate_argnums=0)
+
+
+def rows_of_steps(model, batch: int, key, steps) -> float:
+  """The mean fraction of block rows `steps` steps from `key` compute (padding included)."""
+  probs = model.survival_probs()
+  if model.drop_path_rate == 0 or model.skip == "mask":
+    return 1.0
+  fractions = []
+  for count in steps:
+    drawn = gates_lib.draw(jax.random.fold_in(key, count), probs, model.mode, batch)
+    for p, gate in zip(probs, drawn):
+      if p == 1:
+        fractions.append(1.0)
+      elif model.mode == "subset":
+        fractions.append(gates_lib.subset_size(p, batch) / batch)
+      else:
+        fractions.append(float(rows.rows_computed(gate)))
+  return float(np.mean(fractions))
+
+
+def measure(cases, rates, methods, repeats, calls, seed):
+  """One row per variant of every case (the module docstring)."""
+  out = []
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  for name, size, batch in cases:
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    labels = jnp.arange(batch) % 1000
+    key = jax.random.key(seed)
+    variants = {"none": build(name, 0.0, "none")}
+    for rate in rates:
+      for method in methods:
+        variants[f"{method} {rate:g}"] = build(name, rate, method)
+    init = variants["none"].init(jax.random.key(0), images[:1])["params"]
+    runs, compile_s, counts = {}, {}, {}
+    for variant, model in variants.items():
+      step = make_step(model, tx)
+      state = (init, tx.init(init), jnp.zeros((), jnp.int32))
+      state = jax.tree.map(jnp.array, state)  # a copy of its own: the step donates it
+      start = time.perf_counter()
+      compiled = step.lower(state, images, labels, key).compile()
+      compile_s[variant] = time.perf_counter() - start
+      state, loss = compiled(state, images, labels, key)  # warm-up
+      loss.block_until_ready()
+      holder = {"state": state}
+      counts[variant] = []
+
+      def run(compiled=compiled, holder=holder, variant=variant):
+        start = time.perf_counter()
+        for _ in range(calls):
+          counts[variant].append(int(holder["state"][2]))
+          holder["state"], loss = compiled(holder["state"], images, labels, key)
+        loss.block_until_ready()
+        return (time.perf_counter() - start) / calls
+      runs[variant] = run
+    times = common.interleave(runs, repeats)
+    medians = {v: float(np.median(t)) for v, t in times.items()}
+    for variant, model in variants.items():
+      method, _, rate = variant.partition(" ")
+      ms = np.asarray(times[variant]) * 1e3
+      mask = medians.get(f"mask {rate}")
+      out.append({
+          "model": name, "image_size": size, "batch": batch, "variant": variant,
+          "rate": float(rate or 0), "method": method, "median_ms": float(np.median(ms)),
+          "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+          "ratio_to_mask": medians[variant] / mask if mask else None,
+          "ratio_to_none": medians[variant] / medians["none"],
+          "rows": rows_of_steps(model, batch, key, counts[variant]),
+          "compile_s": compile_s[variant]})
+  return out
+
+
+def format_table(table):
+  lines = [f"{'model':>14} {'px':>4} {'batch':>5} {'variant':>16} {'median ms':>9} "
+           f"{'spread ms':>17} {'/mask':>6} {'/none':>6} {'rows':>6} {'compile s':>9}"]
+  number = lambda v, spec, w: f"{'-' if v is None else format(v, spec):>{w}}"
+  for r in table:
+    lines.append(
+        f"{r['model']:>14} {r['image_size']:>4} {r['batch']:>5} {r['variant']:>16} "
+        f"{r['median_ms']:9.1f} {r['min_ms']:8.1f}-{r['max_ms']:8.1f} "
+        f"{number(r['ratio_to_mask'], '.3f', 6)} {number(r['ratio_to_none'], '.3f', 6)} "
+        f"{number(r['rows'], '.3f', 6)} {number(r['compile_s'], '.1f', 9)}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  common.prepare_host(FLAGS.cores)
+  print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()})")
+  unknown = set(FLAGS.methods) - set(METHODS)
+  if unknown:
+    raise app.UsageError(f"unknown --methods {sorted(unknown)}; choose of {METHODS}.")
+  cases = parse_cases(FLAGS.models, FLAGS.small)
+  rates = [float(r) for r in FLAGS.rates]
+  table = measure(cases, rates, FLAGS.methods, FLAGS.repeats, FLAGS.calls, FLAGS.seed)
+  if FLAGS.torch:
+    from benchmarks import torch_drop_path  # pylint: disable=g-import-not-at-top
+    table += torch_drop_path.measure(cases, rates, FLAGS.repeats, FLAGS.calls, FLAGS.seed)
+  print(format_table(table))
+  if FLAGS.out:
+    common.write_json(FLAGS.out, {"jax": jax.__version__,
+                                  "device": jax.devices()[0].device_kind,
+                                  "backend": jax.default_backend(),
+                                  "date": time.strftime("%Y-%m-%d"), "rows": table})
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
