@@ -101,23 +101,28 @@ def auto_skip(mode: options.Mode = "batch", *, stage: bool = True,
                    conditional's predicate to the host and waits, and compaction runs
                    bit_length(n) conditionals per stage of n blocks instead of n.
     TPU  "cond"    reasoned: TPUs evaluate predicates on the device.
-  Row and subset modes (per-example gates):
-    CPU  "mask"    measured (`benchmarks.drop_path`): gathering the kept rows lost to
-                   masking at every rate on ViT-S and ConvNeXt-T steps.
-    GPU, TPU  "gather" above a drop rate of ROW_GATHER_FROM, else "mask"; reasoned, not
+  Row mode (Bernoulli per example):
+    CPU  "mask"    measured (`benchmarks.drop_path`): gathering the kept rows costs a
+                   conditional and a recomputed forward pass per branch, and saved
+                   little even at drop_path_rate 0.5.
+    GPU, TPU  "gather" above a drop rate of GATHER_FROM, else "mask"; reasoned, not
                    measured: DINOv2 found its subset gather paid only above 0.1.
+  Subset mode (exactly round(p_l * B) examples: static shapes, no conditional):
+    every backend  "gather" above a drop rate of GATHER_FROM, else "mask" (CPU measured:
+                   the step costs about the rows it computes).
   """
   if mode in options.ROW_MODES:
-    if platform() == "cpu":
+    if mode == "row" and platform() == "cpu":
       return "mask"
-    return "gather" if drop_rate is None or drop_rate > ROW_GATHER_FROM else "mask"
+    return "gather" if drop_rate is None or drop_rate > GATHER_FROM else "mask"
   if platform() == "gpu" and stage:
     return "compact"
   return "cond"
 
 
-ROW_GATHER_FROM = 0.1
-"""The drop rate above which `auto_skip` gathers kept rows on an accelerator."""
+GATHER_FROM = 0.1
+"""The drop rate of a block above which `auto_skip` gathers its kept rows (where it
+gathers at all)."""
 
 
 def resolve_skip(skip: str, mode: options.Mode = "batch", *, stage: bool = True,

@@ -174,7 +174,8 @@ class StochasticResidual(nn.Module):
       return finish(rows.run_kept(
           lambda branch, h: scaled(branch(h)), self.branch, x, gate,
           groups=self.row_groups, subset=subset,
-          switch=lambda i, fns, branch, h: nn.switch(i, fns, branch, h)))
+          switch=lambda i, fns, branch, h: nn.switch(i, fns, branch, h),
+          remat=nn.checkpoint))
 
     y = (_run_keeping_statistics(self.branch, x, gate) if not row_modes
          else self.branch(x))

@@ -30,6 +30,12 @@ independent (LayerNorm, attention within an example, MLPs, convolutions): every 
 of f(gathered) is the row of f(x). A branch with batch statistics (BatchNorm in training)
 sees other rows here than under masking; `sdnet.residual` refuses that pairing.
 
+In row mode every capacity's function is rematerialised (`remat`): its backward pass
+recomputes its forward pass from the batch x. Without it, JAX differentiates a switch
+by making every branch return the saved residuals of all branches (zeros for those not
+taken), eight sets of activations of 1/8 to 8/8 of the batch each, written every step:
+that cost more than the recomputation (benchmarks/README.md, "Drop path").
+
 The conditional itself is the caller's (`switch`): `jax.lax.switch` for pure functions,
 `flax.linen.switch` or `flax.nnx.switch` for modules, so that both APIs share this math.
 """
@@ -96,7 +102,7 @@ def scatter(y: jax.Array, order: jax.Array, gate: jax.Array, capacity: int) -> j
 
 def run_kept(call: Callable[[Any, jax.Array], jax.Array], branch: Any, x: jax.Array,
              gate: jax.Array, *, groups: int = 1, subset: int | None = None,
-             switch: Callable | None = None) -> jax.Array:
+             switch: Callable | None = None, remat: Callable | None = None) -> jax.Array:
   """b * f(x) row by row, with f run on the kept rows only (the module docstring).
 
   Args:
@@ -108,6 +114,9 @@ def run_kept(call: Callable[[Any, jax.Array], jax.Array], branch: Any, x: jax.Ar
       G * k rows with no conditional. None: row mode, capacities chosen by `switch`.
     switch: switch(index, functions, branch, x) calling functions[index](branch, x):
       `jax.lax.switch` adapted (the default), `flax.linen.switch`, `flax.nnx.switch`.
+    remat: remat(function) -> the function rematerialised in the backward pass
+      (`jax.checkpoint`, the default; `flax.linen.checkpoint`, `flax.nnx.remat`), applied
+      to every capacity's function in row mode (see below).
 
   Returns (B, ...) with f(x)_i where b_i, 0 elsewhere.
   """
@@ -126,7 +135,9 @@ def run_kept(call: Callable[[Any, jax.Array], jax.Array], branch: Any, x: jax.Ar
     return bucket(sizes[0])(branch, x)
   if switch is None:
     switch = lambda i, fns, b, h: jax.lax.switch(i, [lambda h, f=f: f(b, h) for f in fns], h)
-  return switch(capacity_index(gate, groups, sizes), [bucket(c) for c in sizes], branch, x)
+  remat = remat or jax.checkpoint
+  return switch(capacity_index(gate, groups, sizes), [remat(bucket(c)) for c in sizes],
+                branch, x)
 
 
 def rows_computed(gate: jax.Array, groups: int = 1, subset: int | None = None) -> jax.Array:

@@ -112,11 +112,12 @@ def test_auto_picks_per_backend(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     assert models.CifarResNet20().stage_skip() == stage
     assert residual.resolve_skip("auto") == block
-    # Per example: the CPU masks (measured); accelerators gather the kept rows above a
-    # drop rate of 0.1; a ResNet masks everywhere (BatchNorm in its branches).
-    row = "mask" if platform == "cpu" else "gather"
-    assert residual.resolve_skip("auto", "row") == row
-    assert residual.resolve_skip("auto", "subset", drop_rate=0.3) == row
+    # Per example: the CPU masks Bernoulli rows (measured); a fixed subset, and on
+    # accelerators Bernoulli rows too, gather the kept rows above a drop rate of 0.1; a
+    # ResNet masks everywhere (BatchNorm in its branches).
+    assert residual.resolve_skip("auto", "row") == ("mask" if platform == "cpu" else "gather")
+    assert residual.resolve_skip("auto", "subset", drop_rate=0.3) == "gather"
+    assert residual.resolve_skip("auto", "subset", drop_rate=0.05) == "mask"
     assert residual.resolve_skip("auto", "row", drop_rate=0.05) == "mask"
     assert models.CifarResNet20(mode="row").stage_skip() == "mask"
     assert backend.auto_skip("batch", stage=True) == stage
