@@ -22,8 +22,9 @@ Every variant is compiled ahead of time, then timed interleaved (`common.interle
 median over --repeats of --calls steps each. Printed beside each time: its ratio to
 masking at the same rate ("/mask") and to no drop path ("/none"), and "rows": the mean
 fraction of block rows the timed steps computed (padding included; 1 for masking).
-With PyTorch installed, --torch adds timm-style masking and DINOv2's subset in PyTorch
-eager, in this process (`benchmarks.torch_drop_path`).
+With PyTorch installed, --torch adds timm's masking and DINOv2's subset in PyTorch eager
+("torch ..." rows, their ratios to PyTorch's own "none" and "mask"), timed interleaved
+with JAX's variants in this process (`benchmarks.torch_drop_path`).
 """
 
 import functools
@@ -120,67 +121,79 @@ def rows_of_steps(model, batch: int, key, steps) -> float:
   return float(np.mean(fractions))
 
 
-def measure(cases, rates, methods, repeats, calls, seed):
-  """One row per variant of every case (the module docstring)."""
-  out = []
-  tx = optax.adamw(1e-3, weight_decay=0.05)
-  for name, size, batch in cases:
-    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
-    labels = jnp.arange(batch) % 1000
-    key = jax.random.key(seed)
-    variants = {"none": build(name, 0.0, "none")}
-    for rate in rates:
-      for method in methods:
-        variants[f"{method} {rate:g}"] = build(name, rate, method)
-    init = variants["none"].init(jax.random.key(0), images[:1])["params"]
-    runs, compile_s, counts = {}, {}, {}
-    for variant, model in variants.items():
-      step = make_step(model, tx)
-      state = (init, tx.init(init), jnp.zeros((), jnp.int32))
-      state = jax.tree.map(jnp.array, state)  # a copy of its own: the step donates it
-      start = time.perf_counter()
-      compiled = step.lower(state, images, labels, key).compile()
-      compile_s[variant] = time.perf_counter() - start
-      state, loss = compiled(state, images, labels, key)  # warm-up
-      loss.block_until_ready()
-      holder = {"state": state}
-      counts[variant] = []
+def jax_variants(name, size, batch, rates, methods, calls, seed, tx) -> dict:
+  """{variant: (run, rows)}: `run()` times `calls` steps of the compiled variant (seconds
+  per step); `rows()` the mean fraction of block rows its timed steps computed."""
+  images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  labels = jnp.arange(batch) % 1000
+  key = jax.random.key(seed)
+  models_ = {"none": build(name, 0.0, "none")}
+  for rate in rates:
+    for method in methods:
+      models_[f"{method} {rate:g}"] = build(name, rate, method)
+  init = models_["none"].init(jax.random.key(0), images[:1])["params"]
+  out = {}
+  for variant, model in models_.items():
+    state = jax.tree.map(jnp.array, (init, tx.init(init), jnp.zeros((), jnp.int32)))
+    start = time.perf_counter()
+    compiled = make_step(model, tx).lower(state, images, labels, key).compile()
+    compile_s = time.perf_counter() - start
+    state, loss = compiled(state, images, labels, key)  # warm-up
+    loss.block_until_ready()
+    holder, counts = {"state": state}, []
 
-      def run(compiled=compiled, holder=holder, variant=variant):
-        start = time.perf_counter()
-        for _ in range(calls):
-          counts[variant].append(int(holder["state"][2]))
-          holder["state"], loss = compiled(holder["state"], images, labels, key)
-        loss.block_until_ready()
-        return (time.perf_counter() - start) / calls
-      runs[variant] = run
-    times = common.interleave(runs, repeats)
-    medians = {v: float(np.median(t)) for v, t in times.items()}
-    for variant, model in variants.items():
-      method, _, rate = variant.partition(" ")
-      ms = np.asarray(times[variant]) * 1e3
-      mask = medians.get(f"mask {rate}")
-      out.append({
-          "model": name, "image_size": size, "batch": batch, "variant": variant,
-          "rate": float(rate or 0), "method": method, "median_ms": float(np.median(ms)),
-          "min_ms": float(ms.min()), "max_ms": float(ms.max()),
-          "ratio_to_mask": medians[variant] / mask if mask else None,
-          "ratio_to_none": medians[variant] / medians["none"],
-          "rows": rows_of_steps(model, batch, key, counts[variant]),
-          "compile_s": compile_s[variant]})
+    def run(compiled=compiled, holder=holder, counts=counts):
+      start = time.perf_counter()
+      for _ in range(calls):
+        counts.append(int(holder["state"][2]))
+        holder["state"], loss = compiled(holder["state"], images, labels, key)
+      loss.block_until_ready()
+      return (time.perf_counter() - start) / calls
+
+    rows_fn = lambda model=model, counts=counts: rows_of_steps(model, batch, key, counts)
+    out[variant] = (run, rows_fn, compile_s)
   return out
 
 
+def measure(cases, rates, methods, repeats, calls, seed, with_torch=False):
+  """One row per variant of every case (the module docstring); with `with_torch`, the
+  PyTorch peers' variants are timed interleaved with JAX's."""
+  table = []
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  for name, size, batch in cases:
+    variants = jax_variants(name, size, batch, rates, methods, calls, seed, tx)
+    if with_torch:
+      from benchmarks import torch_drop_path  # pylint: disable=g-import-not-at-top
+      for variant, (run, rows_) in torch_drop_path.variants(
+          name, size, batch, rates, calls, seed).items():
+        variants[variant] = (run, lambda rows_=rows_: rows_, None)
+    times = common.interleave({v: run for v, (run, _, _) in variants.items()}, repeats)
+    medians = {v: float(np.median(t)) for v, t in times.items()}
+    for variant, (_, rows_fn, compile_s) in variants.items():
+      prefix = "torch " if variant.startswith("torch ") else ""
+      method, _, rate = variant.removeprefix(prefix).partition(" ")
+      ms = np.asarray(times[variant]) * 1e3
+      mask = medians.get(f"{prefix}mask {rate}")
+      table.append({
+          "model": name, "image_size": size, "batch": batch, "variant": variant,
+          "library": "torch" if prefix else "jax", "rate": float(rate or 0),
+          "method": method, "median_ms": float(np.median(ms)), "min_ms": float(ms.min()),
+          "max_ms": float(ms.max()), "ratio_to_mask": medians[variant] / mask if mask else None,
+          "ratio_to_none": medians[variant] / medians[f"{prefix}none"], "rows": rows_fn(),
+          "compile_s": compile_s})
+  return table
+
+
 def format_table(table):
-  lines = [f"{'model':>14} {'px':>4} {'batch':>5} {'variant':>16} {'median ms':>9} "
+  lines = [f"{'model':>14} {'px':>4} {'batch':>5} {'variant':>18} {'median ms':>9} "
            f"{'spread ms':>17} {'/mask':>6} {'/none':>6} {'rows':>6} {'compile s':>9}"]
   number = lambda v, spec, w: f"{'-' if v is None else format(v, spec):>{w}}"
   for r in table:
     lines.append(
-        f"{r['model']:>14} {r['image_size']:>4} {r['batch']:>5} {r['variant']:>16} "
+        f"{r['model']:>14} {r['image_size']:>4} {r['batch']:>5} {r['variant']:>18} "
         f"{r['median_ms']:9.1f} {r['min_ms']:8.1f}-{r['max_ms']:8.1f} "
         f"{number(r['ratio_to_mask'], '.3f', 6)} {number(r['ratio_to_none'], '.3f', 6)} "
-        f"{number(r['rows'], '.3f', 6)} {number(r['compile_s'], '.1f', 9)}")
+        f"{number(r['rows'], '.3f', 6)} {number(r.get('compile_s'), '.1f', 9)}")
   return "\n".join(lines)
 
 
@@ -194,10 +207,8 @@ def main(argv):
     raise app.UsageError(f"unknown --methods {sorted(unknown)}; choose of {METHODS}.")
   cases = parse_cases(FLAGS.models, FLAGS.small)
   rates = [float(r) for r in FLAGS.rates]
-  table = measure(cases, rates, FLAGS.methods, FLAGS.repeats, FLAGS.calls, FLAGS.seed)
-  if FLAGS.torch:
-    from benchmarks import torch_drop_path  # pylint: disable=g-import-not-at-top
-    table += torch_drop_path.measure(cases, rates, FLAGS.repeats, FLAGS.calls, FLAGS.seed)
+  table = measure(cases, rates, FLAGS.methods, FLAGS.repeats, FLAGS.calls, FLAGS.seed,
+                  with_torch=FLAGS.torch)
   print(format_table(table))
   if FLAGS.out:
     common.write_json(FLAGS.out, {"jax": jax.__version__,

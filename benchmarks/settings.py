@@ -25,6 +25,9 @@ SETTINGS = {
                                      "--dtype=bfloat16", "--steps_per_call=1"]),
     "torch": ("PyTorch eager, Python if per block (the authors' skipping)", "",
               "torch_reference", []),
+    "drop_path": ("ViT-S/16 and ConvNeXt-T (224 px) per drop-path method, and PyTorch's "
+                  "timm masking and DINOv2 subset where installed", "", "drop_path",
+                  ["--models=vit_s16:224:128,convnext_t:224:128", "--calls=5"]),
 }
 
 def command(setting: str, out: str, small: bool, extra):
@@ -39,6 +42,9 @@ def command(setting: str, out: str, small: bool, extra):
     argv += list(extra)
     if small:
       argv = [a.replace("--steps_per_call=20", "--steps_per_call=2") for a in argv]
+  if module == "drop_path":
+    argv = [a for a in argv if not (small and a.startswith("--calls="))]
+    argv += ["--rates=0.5"] * small + ["--torch"] * torch_available()
   env = dict(os.environ)
   if xla_flags:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()

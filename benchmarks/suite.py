@@ -7,7 +7,8 @@ r"""Every speed measurement of the project in one command, one table.
 Each setting runs `benchmarks.train_step` in its own process, because XLA flags take
 effect only when a process starts; `torch` runs `benchmarks.torch_reference`, the
 authors' way of skipping (PyTorch eager, a Python `if` per block), when PyTorch is
-installed. Ratios to constant depth are measured within one process; compare absolute
+installed; `drop_path` runs `benchmarks.drop_path` (a table of its own). Ratios to
+constant depth are measured within one process; compare absolute
 times across settings only from one machine and session. Every setting writes
 OUT_DIR/SETTING.json; the merged rows go to OUT_DIR/suite.json (`benchmarks.settings`).
 """
@@ -36,7 +37,13 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if not rows:
     raise SystemExit("no setting produced rows.")
-  print("\n" + common.format_table(rows, max(len(r["setting"]) for r in rows)))
+  step_rows = [r for r in rows if "depth" in r]
+  if step_rows:
+    print("\n" + common.format_table(step_rows, max(len(r["setting"]) for r in step_rows)))
+  drop_path_rows = [r for r in rows if "depth" not in r]
+  if drop_path_rows:
+    from benchmarks import drop_path  # pylint: disable=g-import-not-at-top
+    print("\n" + drop_path.format_table(drop_path_rows))
 
 
 if __name__ == "__main__":

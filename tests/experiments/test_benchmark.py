@@ -465,3 +465,30 @@ def test_each_backend_choice_builds_the_network_it_names(monkeypatch):
   # Plain: p_L = 1 with no gate forced (False would close every gate); open: forced open.
   assert built == {"1.0/None/marks": 1, "1.0/None/unmarked": 1, "0.5/True/unmarked": 1,
                    "0.5/True/marks": 1}
+
+
+def test_the_drop_path_benchmark_times_every_method_and_counts_the_rows_computed():
+  from benchmarks import drop_path  # pylint: disable=g-import-not-at-top
+  rows = drop_path.measure([("vit_test", 16, 8)], [0.5], ["mask", "gather", "subset"],
+                           repeats=1, calls=2, seed=0)
+  by_variant = {r["variant"]: r for r in rows}
+  assert list(by_variant) == ["none", "mask 0.5", "gather 0.5", "subset 0.5"]
+  assert by_variant["none"]["ratio_to_none"] == 1.0
+  assert by_variant["mask 0.5"]["ratio_to_mask"] == 1.0
+  assert by_variant["none"]["rows"] == by_variant["mask 0.5"]["rows"] == 1.0
+  # ViT-Test: 2 blocks (p = 1 and 0.5), so subset runs 8 and 4 of 8 rows: 0.75.
+  assert by_variant["subset 0.5"]["rows"] == 0.75
+  # Bernoulli rows rounded up to capacities of 1 row (8 / 8): between 1/8 and 1 of the
+  # gated residuals' rows, the ungated block's all.
+  assert 0.5 + 0.5 / 8 <= by_variant["gather 0.5"]["rows"] <= 1.0
+  for r in rows:
+    assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["compile_s"] > 0
+
+
+def test_the_suites_drop_path_setting_runs_the_papers_models_and_checks_small():
+  argv, _ = settings.command("drop_path", "out.json", small=False, extra=[])
+  assert argv[1:3] == ["-m", "benchmarks.drop_path"]
+  assert "--models=vit_s16:224:128,convnext_t:224:128" in argv
+  argv, _ = settings.command("drop_path", "out.json", small=True, extra=[])
+  assert {"--small", "--rates=0.5", "--calls=1"} <= set(argv)
+  assert ("--torch" in argv) == settings.torch_available()
