@@ -57,8 +57,8 @@ def test_known_parameter_counts_and_output_shapes():
     (lambda: models.ImageNetResNet(34), "must be one of"),
     (lambda: models.CifarResNet20(p_last=0.0), "p_last must lie in"),
     (lambda: models.CifarResNet20(survival=(0.5,) * 8), "got 8 survival probabilities"),
-    (lambda: models.CifarResNet20(skip="cond", mode="row"), "cannot be skipped"),
-    (lambda: models.CifarResNet20(skip="compact", mode="row"), "cannot be skipped"),
+    (lambda: models.CifarResNet20(skip="cond", mode="row"), "cannot skip it whole"),
+    (lambda: models.CifarResNet20(skip="compact", mode="row"), "cannot skip it whole"),
     (lambda: models.CifarResNet20(skip="fast"), "unknown skip implementation 'fast'"),
 ])
 def test_bad_configuration_fails_at_construction(make, message):
