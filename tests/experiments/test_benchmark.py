@@ -467,6 +467,7 @@ def test_each_backend_choice_builds_the_network_it_names(monkeypatch):
                    "0.5/True/marks": 1}
 
 
+@pytest.mark.e2e
 def test_the_drop_path_benchmark_times_every_method_and_counts_the_rows_computed():
   from benchmarks import drop_path  # pylint: disable=g-import-not-at-top
   rows = drop_path.measure([("vit_test", 16, 8)], [0.5], ["mask", "gather", "subset"],

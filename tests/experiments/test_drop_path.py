@@ -105,7 +105,8 @@ def test_a_bad_recipe_setting_is_one_line(field, value, says):
   assert says in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("model", ["vit", "convnext"])
+@pytest.mark.parametrize("model", [
+    "vit", pytest.param("convnext", marks=pytest.mark.e2e)])  # (the everyday suite's time)
 def test_gathering_and_masking_train_the_same_run_over_4_devices(tmp_path, model):
   """Per-example skipping and masking, same seed: the same losses, errors and parameters
   to float rounding over a few steps of the real loop (pmap over 4 devices, 2 rows
