@@ -27,7 +27,6 @@ With PyTorch installed, --torch adds timm's masking and DINOv2's subset in PyTor
 with JAX's variants in this process (`benchmarks.torch_drop_path`).
 """
 
-import functools
 import time
 
 from absl import app

@@ -1,8 +1,8 @@
 """The drop-path experiment: ViT and ConvNeXt through the protocol, with DeiT's recipe."""
 import json
-import os
 import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ from experiments.training import loop
 from experiments.training import recipe
 from experiments.training import steps
 from experiments.runtime import errors
-from tests import helpers
 from tests.experiments.test_faults import CLI_ENV
 from tests.experiments.test_faults import ROOT
 from tests.experiments.test_faults import comparable
@@ -164,7 +163,7 @@ def test_per_example_gates_are_drawn_per_device_and_batch_gates_alike(mode, dist
 
 
 def quick_cli(workdir, *extra):
-  return [os.sys.executable, "-m", "experiments.cifar",
+  return [sys.executable, "-m", "experiments.cifar",
           "--config=experiments/configs/drop_path.py:vit,quick", f"--workdir={workdir}",
           "--config.batch_size=64", "--config.epochs=1", "--config.log_every_steps=5",
           "--config.checkpoint_every_steps=10", "--config.survival.drop_path_rate=0.5",
