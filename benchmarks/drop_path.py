@@ -8,7 +8,7 @@ DINOv2's fixed subset.
 Each case is MODEL:IMAGE_SIZE:BATCH (models: vit_ti16, vit_s16, vit_b16, convnext_t,
 convnext_s, convnext_b at 1000 classes). The step is forward, backward and an AdamW update
 (weight decay 0.05, label smoothing 0.1: the DeiT / ConvNeXt recipe's arithmetic), jitted
-with its state donated, on random images; gates come from the step's key folded with the
+with its state donated and `sdnet.backend.compiler_options()`, on random images; gates come from the step's key folded with the
 step, so every timed step draws new gates. Variants, per `--rates` (timm's linear
 schedule: block i drops with rate * i / (L - 1)):
 
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
+from sdnet import backend
 from sdnet import gates as gates_lib
 from sdnet import models
 from sdnet import rows
@@ -135,7 +136,8 @@ def jax_variants(name, size, batch, rates, methods, calls, seed, tx) -> dict:
   for variant, model in models_.items():
     state = jax.tree.map(jnp.array, (init, tx.init(init), jnp.zeros((), jnp.int32)))
     start = time.perf_counter()
-    compiled = make_step(model, tx).lower(state, images, labels, key).compile()
+    compiled = make_step(model, tx).lower(state, images, labels, key).compile(
+        compiler_options=backend.compiler_options())
     compile_s = time.perf_counter() - start
     state, loss = compiled(state, images, labels, key)  # warm-up
     loss.block_until_ready()

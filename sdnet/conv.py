@@ -30,20 +30,37 @@ same sums as `lax`'s transposes, in the same order on XLA:CPU (the tests compare
 The padding of dL/dW must be the convolution's own: padding x first with `jnp.pad` made
 the same kernel gradient 2.2x slower (jax 0.10.2).
 
+Depthwise convolutions (feature_group_count = C, one filter per channel: kernel
+(k..., 1, C), ConvNeXt's 7x7) are XLA:CPU's slow path everywhere: lax's forward pass was
+19x and its gradients 8x slower than the form below at the top level, and the gradients
+60x slower again inside a conditional (benchmarks/README.md, "Drop path"). Here
+
+    y     = sum over offsets o of slice_o(pad(x)) * W[o]     (k_1 * k_2 ... shifted products)
+    dL/dx = the same with dilate_s(dy), flip(W) and the padding of dL/dx above
+    dL/dW = conv(x^T, dy^T) grouped by channel: x as one example of C * B features
+            (channel-major), dy as the kernel (m..., B, C), feature_group_count C, so each
+            channel's B features contract with its own B kernel rows
+
+which are fused elementwise sums and one grouped forward convolution; they equal lax's to
+float rounding (the sums run in another order).
+
 Supported: channels-last layouts (what `flax.linen.Conv` passes), any strides and
-paddings, no dilation, no feature or batch groups; anything else falls back to
-`lax.conv_general_dilated` (whose gradients are then lax's own). Forward-mode
-differentiation (`jax.jvp`) is not defined for a custom VJP: use `lax` convolutions there.
+paddings, no dilation, no batch groups, no feature groups other than depthwise ones;
+anything else falls back to `lax.conv_general_dilated` (whose gradients are then lax's
+own). Forward-mode differentiation (`jax.jvp`) is not defined for a custom VJP: use `lax`
+convolutions there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
 from jax import lax
+import jax.numpy as jnp
 
 
 def _channels_last(ndim: int) -> lax.ConvDimensionNumbers:
@@ -64,8 +81,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """`lax.conv_general_dilated`, differentiated by canonical convolutions (module doc)."""
   ndim = lhs.ndim
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  depthwise = (feature_group_count > 1 and feature_group_count == lhs.shape[-1]
+               == rhs.shape[-1] and rhs.shape[-2] == 1)
   if (dn != _channels_last(ndim) or not _is_unit(lhs_dilation) or not _is_unit(rhs_dilation)
-      or feature_group_count != 1 or batch_group_count != 1
+      or (feature_group_count != 1 and not depthwise) or batch_group_count != 1
       or preferred_element_type is not None):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -74,6 +93,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if depthwise:
+    return _depthwise(lhs, rhs, strides, pads)
   return _conv(lhs, rhs, strides, pads, precision)
 
 
@@ -179,6 +200,71 @@ def _kernel_gradient(x, dy, kernel_shape, strides, pads, precision):
                                 dimension_numbers=_channels_last(ndim))  # (C, k..., O)
   dw = lax.transpose(dw, tuple(range(1, ndim - 1)) + (0, ndim - 1))
   return dw.astype(x.dtype) if dw.dtype != x.dtype else dw
+
+
+def shifted_sum(x, kernel, strides, pads, dilation=None):
+  """sum over kernel offsets o of slice_o(pad(x)) * W[o]: a depthwise convolution of x
+  (B, n..., C) with `kernel` (k..., 1, C), `pads` (lo, hi) per spatial dimension (negative
+  crops) and x dilated by `dilation` (s - 1 zeros between neighbours). Accumulates in at
+  least float32; returns x's dtype."""
+  dilation = dilation or (1,) * len(strides)
+  config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, dilation)] + [(0, 0, 0)]
+  padded = lax.pad(x, jnp.zeros((), x.dtype), config)
+  sizes = kernel.shape[:-2]
+  out = [(n - k) // s + 1 for n, k, s in zip(padded.shape[1:-1], sizes, strides)]
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
+  total = None
+  for offset in itertools.product(*(range(k) for k in sizes)):
+    start = (0,) + offset + (0,)
+    limit = ((x.shape[0],) + tuple(o + (m - 1) * s + 1 for o, m, s in
+                                   zip(offset, out, strides)) + (x.shape[-1],))
+    window = lax.slice(padded, start, limit, (1,) + tuple(strides) + (1,))
+    term = window.astype(accumulate) * kernel[offset + (0,)].astype(accumulate)
+    total = term if total is None else total + term
+  return total.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, pads):
+  return shifted_sum(x, kernel, strides, pads)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+  return _depthwise(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, dy):
+  x, kernel = residuals
+  with jax.named_scope("input_gradient"):
+    padding = [(k - 1 - lo, k - 1 - hi + (n + lo + hi - k) % s) for n, k, s, (lo, hi)
+               in zip(x.shape[1:-1], kernel.shape[:-2], strides, pads)]
+    flipped = lax.rev(kernel, tuple(range(kernel.ndim - 2)))
+    dx = _summed_like(shifted_sum(dy, flipped, (1,) * len(strides), padding, strides)
+                      .astype(x.dtype), x)
+  with jax.named_scope("kernel_gradient"):
+    dw = _summed_like(depthwise_kernel_gradient(x, dy, kernel.shape, strides, pads),
+                      kernel)
+  return dx, dw
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_kernel_gradient(x, dy, kernel_shape: Sequence[int], strides, pads):
+  """dL/dW of a depthwise convolution as one convolution grouped by channel (module doc):
+  x (B, n..., C) -> (1, n..., C * B), dy (B, m..., C) -> (m..., B, C)."""
+  ndim = x.ndim
+  batch, channels = x.shape[0], x.shape[-1]
+  spatial = tuple(range(1, ndim - 1))
+  lhs = lax.transpose(x, spatial + (ndim - 1, 0)).reshape((1,) + x.shape[1:-1]
+                                                           + (channels * batch,))
+  rhs = lax.transpose(dy, spatial + (0, ndim - 1))               # (m..., B, C)
+  padding = [(lo, (m - 1) * s + k - n - lo) for n, m, k, s, (lo, _) in
+             zip(x.shape[1:-1], dy.shape[1:-1], kernel_shape[:-2], strides, pads)]
+  dw = lax.conv_general_dilated(lhs, rhs, (1,) * len(strides), padding,
+                                rhs_dilation=strides, feature_group_count=channels,
+                                dimension_numbers=_channels_last(ndim))  # (1, k..., C)
+  return dw.reshape(tuple(kernel_shape)).astype(x.dtype)
 
 
 class Conv(nn.Conv):

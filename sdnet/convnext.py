@@ -29,8 +29,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sdnet import backend
 from sdnet import options
 from sdnet import residual as residual_lib
+from sdnet import stacks
 from sdnet import survival as survival_lib
 from sdnet.vit import check_positive_int, check_stochastic_options, network_gates
 from sdnet.vit import trunc_normal
@@ -41,6 +43,8 @@ class ConvNeXtBranch(nn.Module):
 
   The depthwise 7 x 7 convolution (one filter per channel, bias) and the 1 x 1
   convolutions as dense layers on channels-last data are timm's; GELU is exact (erf).
+  Convolutions compute with `sdnet.backend.conv_general_dilated()` (on CPU,
+  `sdnet.conv`'s depthwise form).
   """
   dim: int
   layer_scale_init: float | None = 1e-6
@@ -50,7 +54,8 @@ class ConvNeXtBranch(nn.Module):
   def __call__(self, x):
     init = dict(kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
     y = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
-                dtype=self.dtype, name="dwconv", **init)(x)
+                dtype=self.dtype, conv_general_dilated=backend.conv_general_dilated(),
+                name="dwconv", **init)(x)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(y)
     y = nn.gelu(nn.Dense(4 * self.dim, dtype=self.dtype, name="fc1", **init)(y),
                 approximate=False)
@@ -60,6 +65,37 @@ class ConvNeXtBranch(nn.Module):
                          (self.dim,), jnp.float32)
       y = y * gamma.astype(y.dtype)
     return y
+
+
+class ConvNeXtBlock(nn.Module):
+  """x + drop(f(x)), f a `ConvNeXtBranch`: one stochastic residual, identity shortcut.
+
+  Called as block(x, xs) -> (y, None), the signature of `sdnet.stacks` (and `nn.scan`):
+  xs = {"prob": p_l, "gate": its gate}, each optional (no gate: the branch runs; no prob:
+  `survival_prob`, else 1).
+  """
+  dim: int
+  layer_scale_init: float | None = 1e-6
+  train: bool = False
+  survival_prob: float | None = None
+  skip: options.Skip = "auto"
+  scaling: options.Scaling = "inverted"
+  mode: options.Mode = "row"
+  row_groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, xs=None):
+    xs = xs or {}
+    branch = ConvNeXtBranch(self.dim, self.layer_scale_init, dtype=self.dtype, name="branch")
+    x = residual_lib.StochasticResidual(
+        branch=branch, skip=self.skip, scaling=self.scaling, mode=self.mode,
+        row_groups=self.row_groups, name="residual")(
+            x, train=self.train,
+            survival_prob=(self.survival_prob if self.survival_prob is not None
+                           else xs.get("prob", 1.0)),
+            gate=xs.get("gate"))
+    return x, None
 
 
 class ConvNeXt(nn.Module):
@@ -87,6 +123,8 @@ class ConvNeXt(nn.Module):
     scaling: "inverted" (branch / p_l in training, timm's), "paper" or "none".
     row_groups: contiguous parts of the batch that gather their kept rows apart (the
       devices the batch is sharded over under `jit`; 1 on one device).
+    scan_unroll: each stage's blocks run as scans over their stacked parameters
+      (`sdnet.stacks`); blocks per iteration, True to unroll them all.
     dtype: computation dtype (parameters stay float32; logits are float32).
   """
   num_classes: int = 1000
@@ -98,6 +136,7 @@ class ConvNeXt(nn.Module):
   skip: options.Skip = "auto"
   scaling: options.Scaling = "inverted"
   row_groups: int = 1
+  scan_unroll: int | bool = 1
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -140,28 +179,27 @@ class ConvNeXt(nn.Module):
                                  self.row_groups)
     init = dict(kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
-    residual = functools.partial(
-        residual_lib.StochasticResidual, skip=self.skip, scaling=self.scaling,
-        mode=self.mode, row_groups=self.row_groups)
-
+    conv = functools.partial(nn.Conv, padding="VALID", dtype=self.dtype,
+                             conv_general_dilated=backend.conv_general_dilated(), **init)
+    kinds = stacks.block_kinds(probs, gated, train=train, skip=self.skip, mode=self.mode,
+                               rows_per_group=x.shape[0] // self.row_groups)
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(self.dims[0], (4, 4), strides=(4, 4), padding="VALID", dtype=self.dtype,
-                name="stem_conv", **init)(x)
+    x = conv(self.dims[0], (4, 4), strides=(4, 4), name="stem_conv")(x)
     x = norm(name="stem_norm")(x)
-    j = 0
+    start = 0
     for stage, (depth, dim) in enumerate(zip(self.depths, self.dims)):
       if stage > 0:
         x = norm(name=f"stage{stage + 1}_downsample_norm")(x)
-        x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                    name=f"stage{stage + 1}_downsample_conv", **init)(x)
-      for block in range(depth):
-        name = f"stage{stage + 1}_block{block}"
-        branch = ConvNeXtBranch(dim, self.layer_scale_init, dtype=self.dtype,
-                                name=f"{name}_branch")
-        x = residual(branch=branch, name=f"{name}_residual")(
-            x, train=train, survival_prob=float(probs[j]),
-            gate=gates[j] if gates is not None and gated[j] else None)
-        j += 1
+        x = conv(dim, (2, 2), strides=(2, 2), name=f"stage{stage + 1}_downsample_conv")(x)
+      blocks = slice(start, start + depth)
+      x = stacks.run_stack(
+          self, f"stage{stage + 1}_blocks", ConvNeXtBlock,
+          dict(dim=dim, layer_scale_init=self.layer_scale_init, train=train,
+               scaling=self.scaling, mode=self.mode, row_groups=self.row_groups,
+               dtype=self.dtype),
+          x, kinds[blocks], jnp.asarray(probs[blocks], jnp.float32),
+          None if gates is None else gates[blocks], unroll=self.scan_unroll)
+      start += depth
 
     x = jnp.mean(x, axis=(1, 2))
     x = norm(name="head_norm")(x)

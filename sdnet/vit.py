@@ -32,6 +32,7 @@ import numpy as np
 from sdnet import gates as gates_lib
 from sdnet import options
 from sdnet import residual as residual_lib
+from sdnet import stacks
 from sdnet import survival as survival_lib
 
 
@@ -47,7 +48,7 @@ def network_gates(train: bool, key, gates, probs: np.ndarray, mode: options.Mode
   """The gates of a network's residuals and which of them a gate decides.
 
   Returns (gates, gated): gates is None (nothing to gate) or (L,) / (L, batch_size) bool;
-  gated[j] says whether residual j takes its row of gates. Gates drawn from `key` skip
+  gated[j] says whether residual j takes its row of gates (none does without gates). Gates drawn from `key` skip
   the residuals with p_j = 1 (always open: no gate, no mask); explicit `gates` decide
   every residual they name, at evaluation too (a chosen sub-network).
   """
@@ -58,12 +59,16 @@ def network_gates(train: bool, key, gates, probs: np.ndarray, mode: options.Mode
                      "gates= to evaluate a chosen sub-network.")
   elif gates is not None:
     gates = gates_lib.check_gates(gates, len(probs), mode, batch_size)
-  gated = probs < 1.0 if key is not None else np.ones(len(probs), bool)
+  if gates is None:
+    gated = np.zeros(len(probs), bool)
+  else:
+    gated = probs < 1.0 if key is not None else np.ones(len(probs), bool)
   return gates, gated
 
 
 def check_stochastic_options(module: Any) -> None:
-  """ValueError for a bad mode, skip, scaling or row_groups of a network `module`."""
+  """ValueError for a bad mode, skip, scaling, row_groups or scan_unroll of a network
+  `module`."""
   options.check("mode", module.mode, options.Mode)
   options.check("skip implementation", module.skip, options.Skip)
   options.check_skip_for_mode(module.skip, module.mode)
@@ -71,6 +76,11 @@ def check_stochastic_options(module: Any) -> None:
   if not isinstance(module.row_groups, (int, np.integer)) or module.row_groups < 1:
     raise ValueError(f"row_groups must be a positive integer (the number of devices the "
                      f"batch is sharded over), got {module.row_groups!r}.")
+  unroll = module.scan_unroll
+  if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
+                             or unroll < 1):
+    raise ValueError(f"scan_unroll must be a positive integer (blocks per iteration of the "
+                     f"scan) or True (all), got {unroll!r}.")
 
 
 def check_positive_int(name: str, value) -> None:
@@ -113,11 +123,14 @@ class MlpBranch(nn.Module):
 class EncoderBlock(nn.Module):
   """A pre-norm encoder block: two stochastic residuals sharing one survival p_i.
 
-  Called as block(x, train=..., survival_prob=p_i, gates=(attention gate, MLP gate)),
-  a gate None where the residual is not gated.
+  Called as block(x, xs) -> (y, None), the signature of `sdnet.stacks` (and `nn.scan`):
+  xs = {"prob": p_i, "gate": (2, ...) the gates of attention and MLP}, each optional (no
+  gate: the residuals run; no prob: `survival_prob`, else 1).
   """
   num_heads: int
   mlp_dim: int
+  train: bool = False
+  survival_prob: float | None = None
   skip: options.Skip = "auto"
   scaling: options.Scaling = "inverted"
   mode: options.Mode = "row"
@@ -125,17 +138,20 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, survival_prob: float = 1.0,
-               gates: tuple[Any, Any] = (None, None)):
+  def __call__(self, x, xs=None):
+    xs = xs or {}
+    prob = self.survival_prob if self.survival_prob is not None else xs.get("prob", 1.0)
+    gates = xs.get("gate")
     residual = functools.partial(
         residual_lib.StochasticResidual, skip=self.skip, scaling=self.scaling,
         mode=self.mode, row_groups=self.row_groups)
     attn = AttentionBranch(self.num_heads, dtype=self.dtype, name="attn")
     x = residual(branch=attn, name="attn_residual")(
-        x, train=train, survival_prob=survival_prob, gate=gates[0])
+        x, train=self.train, survival_prob=prob, gate=None if gates is None else gates[0])
     mlp = MlpBranch(self.mlp_dim, dtype=self.dtype, name="mlp")
-    return residual(branch=mlp, name="mlp_residual")(
-        x, train=train, survival_prob=survival_prob, gate=gates[1])
+    x = residual(branch=mlp, name="mlp_residual")(
+        x, train=self.train, survival_prob=prob, gate=None if gates is None else gates[1])
+    return x, None
 
 
 class VisionTransformer(nn.Module):
@@ -170,6 +186,8 @@ class VisionTransformer(nn.Module):
     scaling: "inverted" (branch / p_i in training, timm's), "paper" or "none".
     row_groups: contiguous parts of the batch that gather their kept rows apart (the
       devices the batch is sharded over under `jit`; 1 on one device).
+    scan_unroll: the blocks run as scans over their stacked parameters (`sdnet.stacks`);
+      blocks per iteration, True to unroll them all.
     dtype: computation dtype (parameters stay float32; logits are float32).
   """
   num_classes: int = 1000
@@ -183,6 +201,7 @@ class VisionTransformer(nn.Module):
   skip: options.Skip = "auto"
   scaling: options.Scaling = "inverted"
   row_groups: int = 1
+  scan_unroll: int | bool = 1
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -232,15 +251,17 @@ class VisionTransformer(nn.Module):
                      jnp.float32)
     x = x + pos.astype(x.dtype)
 
-    mlp_dim = int(self.mlp_ratio * self.hidden_size)
-    for i in range(self.depth):
-      block_gates = tuple(
-          gates[j] if gates is not None and gated[j] else None for j in (2 * i, 2 * i + 1))
-      x = EncoderBlock(self.num_heads, mlp_dim, skip=self.skip, scaling=self.scaling,
-                       mode=self.mode, row_groups=self.row_groups, dtype=self.dtype,
-                       name=f"block{i}")(
-                           x, train=train, survival_prob=float(probs[2 * i]),
-                           gates=block_gates)
+    block_probs = probs[::2]
+    kinds = stacks.block_kinds(block_probs, gated[::2], train=train, skip=self.skip,
+                               mode=self.mode, rows_per_group=batch // self.row_groups)
+    x = stacks.run_stack(
+        self, "blocks", EncoderBlock,
+        dict(num_heads=self.num_heads, mlp_dim=int(self.mlp_ratio * self.hidden_size),
+             train=train, scaling=self.scaling, mode=self.mode, row_groups=self.row_groups,
+             dtype=self.dtype),
+        x, kinds, jnp.asarray(block_probs, jnp.float32),
+        None if gates is None else gates.reshape((self.depth, 2) + gates.shape[1:]),
+        unroll=self.scan_unroll)
 
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=trunc_normal(),

@@ -96,21 +96,15 @@ def summarize(totals: Mapping[str, Any]) -> dict:
 
 
 def first_block_kernel(params) -> jax.Array:
-  """The first kernel of the first residual block (the paper's Fig. 7 layer).
-
-  ResNet: the first convolution of block 1; in a scanned stage its kernel is stacked
-  along a leading block axis: take block 1. ViT and ConvNeXt: the first kernel, in key
-  order, of their first block ("block0", "stage1_block0_branch").
-  """
-  if "stage1_first" in params or "stage1_blocks" in params:
-    stage = params.get("stage1_first") or params["stage1_blocks"]
-    kernel = stage["branch"]["Conv_0"]["kernel"]
-    return kernel if "stage1_first" in params else kernel[0]
-  first = next((params[k] for k in sorted(params)
-                if k in ("block0", "stage1_block0_branch")), params)
-  leaves = jax.tree_util.tree_leaves_with_path(first)
-  return next((leaf for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel"),
-              leaves[0][1])
+  """The first kernel of the first residual block (the paper's Fig. 7 layer): in key
+  order, of the first block's parameters ("stage1_first", or block 0 of the stacked
+  "stage1_blocks" of a ResNet or ConvNeXt or "blocks" of a ViT); of any other model, its
+  first kernel (or leaf)."""
+  name = next((k for k in ("stage1_first", "stage1_blocks", "blocks") if k in params), None)
+  leaves = jax.tree_util.tree_leaves_with_path(params if name is None else params[name])
+  kernel = next((leaf for path, leaf in leaves
+                 if getattr(path[-1], "key", None) == "kernel"), leaves[0][1])
+  return kernel if name in (None, "stage1_first") else kernel[0]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):

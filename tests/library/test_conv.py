@@ -38,12 +38,12 @@ def value_and_grads(conv_fn, x, w, strides, padding, dy):
   return y, vjp(dy)
 
 
-def random_case(x_shape, w_shape, strides, padding, seed=0):
+def random_case(x_shape, w_shape, strides, padding, seed=0, groups=1):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
   y_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=NHWC)).shape
+      x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups)).shape
   dy = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
   return x, w, dy
 
@@ -116,6 +116,56 @@ def test_bfloat16_gradients_keep_the_input_dtypes():
   np.testing.assert_allclose(np.float32(gx), np.float32(ex), rtol=0.05, atol=0.5)
 
 
+# Depthwise convolutions (one filter per channel): ConvNeXt's 7x7, strided, odd sizes,
+# asymmetric and string paddings.
+DEPTHWISE = [
+    ((4, 16, 16, 8), (7, 7, 1, 8), (1, 1), ((3, 3), (3, 3))),
+    ((2, 15, 13, 6), (3, 3, 1, 6), (2, 2), ((1, 1), (1, 1))),
+    ((2, 11, 10, 5), (3, 2, 1, 5), (3, 2), "SAME"),
+    ((2, 11, 10, 5), (5, 5, 1, 5), (1, 2), "VALID"),
+    ((2, 9, 9, 4), (3, 3, 1, 4), (2, 2), ((0, 2), (2, 0))),
+]
+
+
+def depthwise(conv_fn, channels):
+  return functools.partial(conv_fn, feature_group_count=channels)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", DEPTHWISE)
+def test_depthwise_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding):
+  x, w, dy = random_case(x_shape, w_shape, strides, padding, groups=x_shape[-1])
+  channels = x_shape[-1]
+  expected = value_and_grads(depthwise(lax.conv_general_dilated, channels), x, w, strides,
+                             padding, dy)
+  got = value_and_grads(depthwise(conv.conv_general_dilated, channels), x, w, strides,
+                        padding, dy)
+  helpers.assert_trees_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_gradients_inside_a_conditional_and_under_shard_map_equal_lax():
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is None:  # older jax
+    from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  shape, w_shape, strides, padding = DEPTHWISE[0]
+  x, w, dy = random_case(shape, w_shape, strides, padding, groups=shape[-1])
+
+  def grads(conv_fn):
+    f = depthwise(conv_fn, shape[-1])
+
+    def per_device(x, w, dy, p):
+      loss = lambda x, w: jnp.sum(dy * lax.cond(
+          p, lambda x, w: f(x, w, strides, padding, dimension_numbers=NHWC),
+          lambda x, w: x * 0.0, x, w))  # ConvNeXt's: the output has x's shape
+      return jax.grad(loss, argnums=(0, 1))(x, w)
+    return jax.jit(shard_map(per_device, mesh=mesh, in_specs=(P("d"), P(), P("d"), P()),
+                             out_specs=(P("d"), P())))(x, w, dy, jnp.asarray(True))
+
+  helpers.assert_trees_close(grads(conv.conv_general_dilated),
+                             grads(lax.conv_general_dilated), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs", [dict(rhs_dilation=(2, 2)), dict(lhs_dilation=(2, 2)),
                                     dict(feature_group_count=2)])
 def test_unsupported_features_fall_back_to_lax(kwargs):
@@ -128,6 +178,10 @@ def test_unsupported_features_fall_back_to_lax(kwargs):
   assert "custom_vjp" not in str(jax.make_jaxpr(grad(conv.conv_general_dilated, **kwargs))(w))
   if groups == 1:  # the same call without the feature: ours
     assert "custom_vjp" in str(jax.make_jaxpr(grad(conv.conv_general_dilated))(w))
+  else:  # one filter per channel (kernel (3, 3, 1, 4)) is ours too
+    depthwise_grad = jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=4)))
+    assert "custom_vjp" in str(jax.make_jaxpr(depthwise_grad)(w[:, :, :1]))
   np.testing.assert_allclose(grad(conv.conv_general_dilated, **kwargs)(w),
                              grad(lax.conv_general_dilated, **kwargs)(w))
 
