@@ -8,15 +8,18 @@ DINOv2's fixed subset.
 Each case is MODEL:IMAGE_SIZE:BATCH (models: vit_ti16, vit_s16, vit_b16, convnext_t,
 convnext_s, convnext_b at 1000 classes). The step is forward, backward and an AdamW update
 (weight decay 0.05, label smoothing 0.1: the DeiT / ConvNeXt recipe's arithmetic), jitted
-with its state donated and `sdnet.backend.compiler_options()`, on random images; gates come from the step's key folded with the
-step, so every timed step draws new gates. Variants, per `--rates` (timm's linear
-schedule: block i drops with rate * i / (L - 1)):
+with its state donated and `sdnet.backend.compiler_options()`, on random images; gates
+come from the step's key folded with the step, so every timed step draws new gates.
+Variants, per `--rates` (timm's linear schedule: block i drops with rate * i / (L - 1)):
 
   none           drop_path_rate 0: the plain network, nothing drawn
   mask R         per-example Bernoulli gates, every row computed and multiplied (timm)
   gather R       the same gates, the branch run on the kept rows only (`sdnet.rows`)
   subset R       exactly round(p_l * B) rows per block, gathered (DINOv2), no conditional
   subset-mask R  the same subset draw, masked: what the subset's gather saves
+  ...-rolled R   with --rolled: the method with its stacks of blocks a loop
+                 (`scan_unroll=1`) where the others take `scan_unroll="auto"`
+                 (`sdnet.backend.unroll_blocks`; `sdnet.stacks`)
 
 Every variant is compiled ahead of time, then timed interleaved (`common.interleave`),
 median over --repeats of --calls steps each. Printed beside each time: its ratio to
@@ -62,6 +65,8 @@ def define_flags():
   flags.DEFINE_integer("cores", 0, "Pin to this many CPUs (0: all), as every benchmark.")
   flags.DEFINE_bool("small", False, "Tiny models at batch 8: a CPU check of the script.")
   flags.DEFINE_bool("torch", False, "Also time PyTorch eager peers (needs torch).")
+  flags.DEFINE_bool("rolled", False, "Also time every method with its stacks of blocks "
+                    "a loop (scan_unroll=1): '-rolled' variants.")
   flags.DEFINE_string("out", "", "Write the rows as JSON here.")
 
 
@@ -78,12 +83,19 @@ def parse_cases(specs, small=False):
 
 
 def build(name: str, rate: float, method: str, num_classes: int = 1000):
-  """The model of a variant: `method` "none", or one of METHODS at `rate`."""
-  if method == "none":
-    return MODELS[name](num_classes=num_classes)
-  mode = "subset" if method.startswith("subset") else "row"
-  skip = "mask" if method.endswith("mask") else "gather"
-  return MODELS[name](num_classes=num_classes, drop_path_rate=rate, mode=mode, skip=skip)
+  """The model of a variant: `method` "none", or one of METHODS at `rate`; a suffix
+  "-rolled" runs its stacks of blocks as loops (scan_unroll=1), not as "auto" chooses."""
+  base = method.removesuffix(ROLLED)
+  unroll = dict(scan_unroll=1) if method != base else {}
+  if base == "none":
+    return MODELS[name](num_classes=num_classes, **unroll)
+  mode = "subset" if base.startswith("subset") else "row"
+  skip = "mask" if base.endswith("mask") else "gather"
+  return MODELS[name](num_classes=num_classes, drop_path_rate=rate, mode=mode, skip=skip,
+                      **unroll)
+
+
+ROLLED = "-rolled"
 
 
 def make_step(model, tx, smoothing: float = 0.1):
@@ -121,13 +133,15 @@ def rows_of_steps(model, batch: int, key, steps) -> float:
   return float(np.mean(fractions))
 
 
-def jax_variants(name, size, batch, rates, methods, calls, seed, tx) -> dict:
+def jax_variants(name, size, batch, rates, methods, calls, seed, tx,
+                 rolled=False) -> dict:
   """{variant: (run, rows)}: `run()` times `calls` steps of the compiled variant (seconds
   per step); `rows()` the mean fraction of block rows its timed steps computed."""
   images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
   labels = jnp.arange(batch) % 1000
   key = jax.random.key(seed)
   models_ = {"none": build(name, 0.0, "none")}
+  methods = [m + suffix for m in methods for suffix in ("", ROLLED)[:1 + rolled]]
   for rate in rates:
     for method in methods:
       models_[f"{method} {rate:g}"] = build(name, rate, method)
@@ -156,13 +170,14 @@ def jax_variants(name, size, batch, rates, methods, calls, seed, tx) -> dict:
   return out
 
 
-def measure(cases, rates, methods, repeats, calls, seed, with_torch=False):
+def measure(cases, rates, methods, repeats, calls, seed, with_torch=False, rolled=False):
   """One row per variant of every case (the module docstring); with `with_torch`, the
-  PyTorch peers' variants are timed interleaved with JAX's."""
+  PyTorch peers' variants are timed interleaved with JAX's; with `rolled`, every
+  method with its stacks of blocks as loops as well."""
   table = []
   tx = optax.adamw(1e-3, weight_decay=0.05)
   for name, size, batch in cases:
-    variants = jax_variants(name, size, batch, rates, methods, calls, seed, tx)
+    variants = jax_variants(name, size, batch, rates, methods, calls, seed, tx, rolled)
     if with_torch:
       from benchmarks import torch_drop_path  # pylint: disable=g-import-not-at-top
       for variant, (run, rows_) in torch_drop_path.variants(
@@ -209,7 +224,7 @@ def main(argv):
   cases = parse_cases(FLAGS.models, FLAGS.small)
   rates = [float(r) for r in FLAGS.rates]
   table = measure(cases, rates, FLAGS.methods, FLAGS.repeats, FLAGS.calls, FLAGS.seed,
-                  with_torch=FLAGS.torch)
+                  with_torch=FLAGS.torch, rolled=FLAGS.rolled)
   print(format_table(table))
   if FLAGS.out:
     common.write_json(FLAGS.out, {"jax": jax.__version__,

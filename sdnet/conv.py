@@ -77,18 +77,23 @@ def _is_unit(value) -> bool:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, differentiated by canonical convolutions (module doc)."""
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         **kwargs):
+  """`lax.conv_general_dilated`, differentiated by canonical convolutions (module doc).
+  Further keywords of newer lax (`out_sharding`, which `flax.nnx.Conv` passes) go to
+  lax where they are set, and are dropped where they are None (the default)."""
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
   ndim = lhs.ndim
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   depthwise = (feature_group_count > 1 and feature_group_count == lhs.shape[-1]
                == rhs.shape[-1] and rhs.shape[-2] == 1)
   if (dn != _channels_last(ndim) or not _is_unit(lhs_dilation) or not _is_unit(rhs_dilation)
       or (feature_group_count != 1 and not depthwise) or batch_group_count != 1
-      or preferred_element_type is not None):
+      or preferred_element_type is not None or kwargs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type)
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+        **kwargs)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -124,7 +124,8 @@ class ConvNeXt(nn.Module):
     row_groups: contiguous parts of the batch that gather their kept rows apart (the
       devices the batch is sharded over under `jit`; 1 on one device).
     scan_unroll: each stage's blocks run as scans over their stacked parameters
-      (`sdnet.stacks`); blocks per iteration, True to unroll them all.
+      (`sdnet.stacks`); blocks per iteration, True to unroll them all, or "auto"
+      (`sdnet.backend.unroll_blocks`).
     dtype: computation dtype (parameters stay float32; logits are float32).
   """
   num_classes: int = 1000
@@ -136,7 +137,7 @@ class ConvNeXt(nn.Module):
   skip: options.Skip = "auto"
   scaling: options.Scaling = "inverted"
   row_groups: int = 1
-  scan_unroll: int | bool = 1
+  scan_unroll: int | bool | Literal["auto"] = "auto"
   dtype: Any = jnp.float32
 
   def __post_init__(self):

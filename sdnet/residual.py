@@ -76,10 +76,69 @@ def branch_scale(survival_prob, train: bool, scaling: options.Scaling,
   return 1.0 / (survival_prob if kept_fraction is None else kept_fraction)
 
 
-def _static_drop_rate(survival_prob) -> float | None:
+def static_drop_rate(survival_prob) -> float | None:
+  """1 - p_l where p_l is a Python number, None where it is traced."""
   if isinstance(survival_prob, (int, float, np.floating, np.integer)):
     return 1.0 - float(survival_prob)
   return None
+
+
+def subset_rows(mode: options.Mode, train: bool, survival_prob, batch: int,
+                row_groups: int) -> int | None:
+  """k = round(p_l n) rows per group of n in subset-mode training (a static shape);
+  None in the other modes, at evaluation and for p_l = 1."""
+  if mode != "subset" or not train or _is_static_one(survival_prob):
+    return None
+  if static_drop_rate(survival_prob) is None:
+    raise ValueError("subset mode needs survival_prob as a Python float: it sets how "
+                     "many rows run the branch (a static shape).")
+  return gates_lib.subset_size(survival_prob, gates_lib.check_groups(batch, row_groups))
+
+
+def training_gate(gate, key, *, train: bool, survival_prob, mode: options.Mode,
+                  batch: int, row_groups: int, subset: int | None):
+  """The gate a block runs with: `gate` as given, or drawn from `key` (`sdnet.gates`);
+  ValueError for a key at evaluation, both at once, or neither where p_l < 1 in training.
+  """
+  if key is not None:
+    if not train:
+      raise ValueError("key= draws a training gate; at evaluation the block runs with "
+                       "its branch scaled by p_l. Pass gate=False to evaluate without it.")
+    if gate is not None:
+      raise ValueError("pass either key= or gate=, not both.")
+    probs = (np.reshape(survival_prob, (1,)) if subset is not None
+             else jnp.reshape(survival_prob, (1,)))
+    return gates_lib.draw(key, probs, mode, batch, row_groups)[0]
+  if gate is None and train and not _is_static_one(survival_prob):
+    raise ValueError(
+        "train=True with survival_prob < 1 needs gate= or key=; the block cannot "
+        "decide by itself whether it survives this mini-batch.")
+  return gate
+
+
+def scaled(y, scale):
+  """y * scale, or y where scale is None (the constant 1)."""
+  return y if scale is None else y * jnp.asarray(scale, y.dtype)
+
+
+def masked(y, gate, scale):
+  """b * s * f(x) computed on every row: `gate` a scalar (batch mode) or (B,) per row."""
+  open_ = jnp.reshape(gate, gate.shape + (1,) * (y.ndim - gate.ndim))
+  return jnp.where(open_, scaled(y, scale), jnp.zeros((), y.dtype))
+
+
+def keep_where_open(gate, new_stats, old_stats):
+  """new_stats = where(gate, stats after the branch, stats before): what a skipped
+  branch leaves (batch mode, "mask")."""
+  return jax.tree.map(lambda new, old: jnp.where(gate, new, old), new_stats, old_stats)
+
+
+def refuse_gather_with_batch_statistics() -> None:
+  raise ValueError(
+      "skip='gather' runs the branch on the kept examples only, so its BatchNorm "
+      "would compute batch statistics over other examples than masking does: use "
+      "skip='mask' (statistics over the whole batch, as timm's drop path) for a "
+      "branch with batch statistics.")
 
 
 class StochasticResidual(nn.Module):
@@ -121,66 +180,41 @@ class StochasticResidual(nn.Module):
   def __call__(self, x, *, train: bool, survival_prob: Any = 1.0,
                gate: jax.Array | bool | None = None, key: jax.Array | None = None):
     residual = self.shortcut(x) if self.shortcut is not None else x
-    row_modes = self.mode in options.ROW_MODES
-    subset = None
-    if self.mode == "subset" and train and not _is_static_one(survival_prob):
-      if _static_drop_rate(survival_prob) is None:
-        raise ValueError("subset mode needs survival_prob as a Python float: it sets how "
-                         "many rows run the branch (a static shape).")
-      rows_per_group = gates_lib.check_groups(x.shape[0], self.row_groups)
-      subset = gates_lib.subset_size(survival_prob, rows_per_group)
+    batch = x.shape[0]
+    subset = subset_rows(self.mode, train, survival_prob, batch, self.row_groups)
     scale = branch_scale(survival_prob, train, self.scaling,
-                         None if subset is None else subset / (x.shape[0] // self.row_groups))
-    if key is not None:
-      if not train:
-        raise ValueError("key= draws a training gate; at evaluation the block runs with "
-                         "its branch scaled by p_l. Pass gate=False to evaluate without it.")
-      if gate is not None:
-        raise ValueError("pass either key= or gate=, not both.")
-      probs = (np.reshape(survival_prob, (1,)) if subset is not None
-               else jnp.reshape(survival_prob, (1,)))
-      gate = gates_lib.draw(key, probs, self.mode, x.shape[0], self.row_groups)[0]
-    elif gate is None and train and not _is_static_one(survival_prob):
-      raise ValueError(
-          "train=True with survival_prob < 1 needs gate= or key=; the block cannot "
-          "decide by itself whether it survives this mini-batch.")
+                         None if subset is None else subset / (batch // self.row_groups))
+    gate = training_gate(gate, key, train=train, survival_prob=survival_prob,
+                         mode=self.mode, batch=batch, row_groups=self.row_groups,
+                         subset=subset)
 
     def finish(delta):
       out = residual if delta is None else residual + delta.astype(residual.dtype)
       return self.activation(out) if self.activation is not None else out
 
-    def scaled(y):
-      return y if scale is None else y * jnp.asarray(scale, y.dtype)
-
     if gate is None or gate is True or self.is_initializing():
-      return finish(scaled(self.branch(x)))
+      return finish(scaled(self.branch(x), scale))
     if gate is False:
       return finish(None)
 
     gate = jnp.asarray(gate, jnp.bool_)
-    how = resolve_skip(self.skip, self.mode, _static_drop_rate(survival_prob))
+    how = resolve_skip(self.skip, self.mode, static_drop_rate(survival_prob))
     if how == "cond":
       return nn.cond(gate,
-                     lambda branch, h: finish(scaled(branch(h))),
+                     lambda branch, h: finish(scaled(branch(h), scale)),
                      lambda branch, h: finish(None),
                      self.branch, x)
     if how == "gather" and gate.ndim == 1:
       if self.is_mutable_collection("batch_stats") and _has_batch_stats(self.branch):
-        raise ValueError(
-            "skip='gather' runs the branch on the kept examples only, so its BatchNorm "
-            "would compute batch statistics over other examples than masking does: use "
-            "skip='mask' (statistics over the whole batch, as timm's drop path) for a "
-            "branch with batch statistics.")
+        refuse_gather_with_batch_statistics()
       return finish(rows.run_kept(
-          lambda branch, h: scaled(branch(h)), self.branch, x, gate,
+          lambda branch, h: scaled(branch(h), scale), self.branch, x, gate,
           groups=self.row_groups, subset=subset,
           switch=lambda i, fns, branch, h: nn.switch(i, fns, branch, h),
           remat=nn.checkpoint))
-
-    y = (_run_keeping_statistics(self.branch, x, gate) if not row_modes
-         else self.branch(x))
-    open_ = jnp.reshape(gate, gate.shape + (1,) * (y.ndim - gate.ndim))
-    return finish(jnp.where(open_, scaled(y), jnp.zeros((), y.dtype)))
+    y = (_run_keeping_statistics(self.branch, x, gate)
+         if self.mode not in options.ROW_MODES else self.branch(x))
+    return finish(masked(y, gate, scale))
 
 
 def _has_batch_stats(module: nn.Module) -> bool:
@@ -201,11 +235,8 @@ def _run_keeping_statistics(branch: nn.Module, x, gate):
     before["stats"] = stats
     return stats
 
-  def keep_where_open(stats):
-    return jax.tree.map(lambda new, old: jnp.where(gate, new, old), stats,
-                        before["stats"])
-
-  mapped = nn.map_variables(lambda mdl, h: mdl(h), "batch_stats",
-                            trans_in_fn=remember, trans_out_fn=keep_where_open,
+  mapped = nn.map_variables(lambda mdl, h: mdl(h), "batch_stats", trans_in_fn=remember,
+                            trans_out_fn=lambda new: keep_where_open(gate, new,
+                                                                     before["stats"]),
                             mutable=True)
   return mapped(branch, x)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from sdnet import backend
 from sdnet import gates as gates_lib
 from sdnet import options
 from sdnet import residual as residual_lib
@@ -69,14 +70,14 @@ def runs(kinds: Sequence[BlockKind]) -> list[tuple[int, int]]:
 
 def run_stack(module: nn.Module, name: str, block_cls: type[nn.Module], block_kwargs: dict,
               x: jax.Array, kinds: Sequence[BlockKind], probs: jax.Array,
-              gates: jax.Array | None, unroll: int | bool = 1) -> jax.Array:
+              gates: jax.Array | None, unroll: int | bool | str = "auto") -> jax.Array:
   """x through the stack `name` of `module`: len(kinds) blocks of `block_cls(**block_kwargs)`
   on stacked parameters, one `lax.scan` per run of blocks of one kind.
 
   Args:
     probs: (L,) p_l of every block (traced where scaled). gates: (L, ...) the blocks'
       gates (the rows of the ungated blocks are not read), or None.
-    unroll: `lax.scan`'s unroll of every run.
+    unroll: `lax.scan`'s unroll of every run, or "auto" (`sdnet.backend.unroll_blocks`).
   """
   length = len(kinds)
   if module.is_initializing():
@@ -100,5 +101,7 @@ def run_stack(module: nn.Module, name: str, block_cls: type[nn.Module], block_kw
       block_params, block_xs = params_xs
       return block.apply({"params": block_params}, h, block_xs)[0], None
 
-    x, _ = jax.lax.scan(body, x, (run_params, xs), unroll=unroll)
+    run_unroll = (backend.unroll_blocks(kind.skip, kind.gated) if unroll == "auto"
+                  else unroll)
+    x, _ = jax.lax.scan(body, x, (run_params, xs), unroll=run_unroll)
   return x

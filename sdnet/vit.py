@@ -23,7 +23,7 @@ ViT mixes examples (LayerNorm, attention within an example, no BatchNorm).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -77,10 +77,10 @@ def check_stochastic_options(module: Any) -> None:
     raise ValueError(f"row_groups must be a positive integer (the number of devices the "
                      f"batch is sharded over), got {module.row_groups!r}.")
   unroll = module.scan_unroll
-  if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
-                             or unroll < 1):
+  if unroll not in (True, "auto") and (isinstance(unroll, bool)
+                                       or not isinstance(unroll, int) or unroll < 1):
     raise ValueError(f"scan_unroll must be a positive integer (blocks per iteration of the "
-                     f"scan) or True (all), got {unroll!r}.")
+                     f"scan), True (all) or 'auto', got {unroll!r}.")
 
 
 def check_positive_int(name: str, value) -> None:
@@ -187,7 +187,8 @@ class VisionTransformer(nn.Module):
     row_groups: contiguous parts of the batch that gather their kept rows apart (the
       devices the batch is sharded over under `jit`; 1 on one device).
     scan_unroll: the blocks run as scans over their stacked parameters (`sdnet.stacks`);
-      blocks per iteration, True to unroll them all.
+      blocks per iteration, True to unroll them all, or "auto"
+      (`sdnet.backend.unroll_blocks`).
     dtype: computation dtype (parameters stay float32; logits are float32).
   """
   num_classes: int = 1000
@@ -201,7 +202,7 @@ class VisionTransformer(nn.Module):
   skip: options.Skip = "auto"
   scaling: options.Scaling = "inverted"
   row_groups: int = 1
-  scan_unroll: int | bool = 1
+  scan_unroll: int | bool | Literal["auto"] = "auto"
   dtype: Any = jnp.float32
 
   def __post_init__(self):

@@ -486,6 +486,15 @@ def test_the_drop_path_benchmark_times_every_method_and_counts_the_rows_computed
     assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["compile_s"] > 0
 
 
+def test_the_drop_path_benchmark_builds_each_method_auto_and_rolled():
+  from benchmarks import drop_path  # pylint: disable=g-import-not-at-top
+  built = {m: drop_path.build("vit_test", 0.5, m) for m in
+           ("none", "mask", "gather-rolled", "subset-mask-rolled", "subset")}
+  assert [(b.mode, b.skip, b.drop_path_rate, b.scan_unroll) for b in built.values()] == [
+      ("row", "auto", 0.0, "auto"), ("row", "mask", 0.5, "auto"), ("row", "gather", 0.5, 1),
+      ("subset", "mask", 0.5, 1), ("subset", "gather", 0.5, "auto")]
+
+
 def test_the_suites_drop_path_setting_runs_the_papers_models_and_checks_small():
   argv, _ = settings.command("drop_path", "out.json", small=False, extra=[])
   assert argv[1:3] == ["-m", "benchmarks.drop_path"]

@@ -92,7 +92,8 @@ def test_a_stack_equals_its_blocks_applied_one_by_one(mode, skip):
     lambda **kw: convnext.ConvNeXt_Test(num_classes=5, depths=(1, 3),
                                         layer_scale_init=0.5, **kw)])
 def test_a_rolled_stack_equals_an_unrolled_one_in_logits_and_gradients(make):
-  rolled, unrolled = make(drop_path_rate=0.5), make(drop_path_rate=0.5, scan_unroll=True)
+  rolled = make(drop_path_rate=0.5, scan_unroll=1)
+  unrolled = make(drop_path_rate=0.5, scan_unroll=True)
   v = jax.jit(rolled.init)(jax.random.key(0), X)
 
   def run(model):
@@ -101,7 +102,15 @@ def test_a_rolled_stack_equals_an_unrolled_one_in_logits_and_gradients(make):
                                  key=jax.random.key(4)) ** 2)
     return jax.jit(jax.value_and_grad(loss))(v["params"])
   helpers.assert_trees_close(run(rolled), run(unrolled), rtol=1e-5, atol=1e-5)
-  # One block per run of the rolled program: a while loop per scan.
+  # One block per run of the rolled program: a loop per scan.
   jaxpr = jax.make_jaxpr(lambda p: rolled.apply(p, X, train=True,
                                                 key=jax.random.key(4)))(v).jaxpr
   assert helpers.count_primitives(jaxpr, "scan") >= 2
+
+
+def test_auto_unrolls_cpu_stacks_but_their_switches_and_rolls_elsewhere(monkeypatch):
+  assert backend.unroll_blocks("mask", gated=True) is True
+  assert backend.unroll_blocks("gather", gated=False) is True  # runs plain
+  assert backend.unroll_blocks("gather", gated=True) == 1  # eight branch copies a block
+  monkeypatch.setattr(backend, "platform", lambda: "gpu")
+  assert backend.unroll_blocks("mask", gated=True) == 1
