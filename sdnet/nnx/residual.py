@@ -48,6 +48,8 @@ class StochasticResidual(nnx.Module):
     survival_prob: p_l (a Python float; a call's `survival_prob=` overrides it, e.g. a
       traced p_l inside `nnx.scan`).
     skip, scaling, mode, row_groups: as `sdnet.residual.StochasticResidual`'s.
+    branch_policy: a remat policy for the branch where it runs inside the conditional
+      (skip="cond"), e.g. `sdnet.backend.branch_policy`'s; None keeps every residual.
     deterministic: True evaluates (every branch runs, scaled by s_eval); `model.train()`
       and `model.eval()` set it.
     rngs: an `nnx.Rngs` (or stream) whose `rng_collection` stream, forked for this
@@ -60,7 +62,8 @@ class StochasticResidual(nnx.Module):
                activation: Callable[[jax.Array], jax.Array] | None = None,
                survival_prob: float = 1.0, skip: options.Skip = "auto",
                scaling: options.Scaling = "paper", mode: options.Mode = "batch",
-               row_groups: int = 1, deterministic: bool = False,
+               row_groups: int = 1, branch_policy: Callable | None = None,
+               deterministic: bool = False,
                rngs: nnx.Rngs | nnx.RngStream | None = None,
                rng_collection: str = "gates"):
     residual_lib.resolve_skip(skip, mode)
@@ -70,6 +73,7 @@ class StochasticResidual(nnx.Module):
     self.activation = activation
     self.survival_prob = survival_prob
     self.skip, self.scaling, self.mode, self.row_groups = skip, scaling, mode, row_groups
+    self.branch_policy = branch_policy
     self.deterministic = deterministic
     if isinstance(rngs, nnx.Rngs):  # as nnx.Dropout: a stream of its own
       self.rngs = rngs[rng_collection].fork()
@@ -112,8 +116,10 @@ class StochasticResidual(nnx.Module):
     how = residual_lib.resolve_skip(self.skip, self.mode,
                                     residual_lib.static_drop_rate(prob))
     if how == "cond":
+      run = (lambda branch, h: branch(h)) if self.branch_policy is None else nnx.remat(
+          lambda branch, h: branch(h), policy=self.branch_policy)
       return nnx.cond(gate,
-                      lambda branch, h: finish(residual_lib.scaled(branch(h), scale)),
+                      lambda branch, h: finish(residual_lib.scaled(run(branch, h), scale)),
                       lambda branch, h: finish(None),
                       self.branch, x)
     if how == "gather" and gate.ndim == 1:

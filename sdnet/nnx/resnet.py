@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,6 +41,11 @@ from sdnet.nnx.residual import StochasticResidual
 
 def _pad(kernel: int):
   return ((kernel // 2, kernel // 2),) * 2
+
+
+def _named(y):
+  """A convolution's output, named for remat policies (`sdnet.backend.branch_policy`)."""
+  return checkpoint_name(y, linen_models.CONV_OUTPUT)
 
 
 class Layers:
@@ -76,7 +82,8 @@ class BasicBranch(nnx.Module):
     self.norm2 = layers.norm(features)
 
   def __call__(self, x):
-    return self.norm2(self.conv2(nnx.relu(self.norm1(self.conv1(x)))))
+    y = nnx.relu(self.norm1(_named(self.conv1(x))))
+    return self.norm2(_named(self.conv2(y)))
 
 
 class BottleneckBranch(nnx.Module):
@@ -92,9 +99,9 @@ class BottleneckBranch(nnx.Module):
     self.norm3 = layers.norm(features * 4)
 
   def __call__(self, x):
-    y = nnx.relu(self.norm1(self.conv1(x)))
-    y = nnx.relu(self.norm2(self.conv2(y)))
-    return self.norm3(self.conv3(y))
+    y = nnx.relu(self.norm1(_named(self.conv1(x))))
+    y = nnx.relu(self.norm2(_named(self.conv2(y))))
+    return self.norm3(_named(self.conv3(y)))
 
 
 class ProjectionShortcut(nnx.Module):
@@ -105,7 +112,7 @@ class ProjectionShortcut(nnx.Module):
     self.norm = layers.norm(features)
 
   def __call__(self, x):
-    return self.norm(self.conv(x))
+    return self.norm(_named(self.conv(x)))
 
 
 class Block(StochasticResidual):
@@ -125,8 +132,13 @@ class Block(StochasticResidual):
                                    features=out_features, strides=strides)
     else:
       shortcut = None
+    # A branch in a conditional keeps its convolutions' outputs only, as the Linen
+    # ResNet's (`sdnet.backend.branch_policy`).
+    policy = (backend.branch_policy(linen_models.CONV_OUTPUT, gated=True)
+              if skip == "cond" else None)
     super().__init__(branch_cls(in_features, features, strides, layers), shortcut=shortcut,
-                     activation=nnx.relu, skip=skip, scaling=scaling, mode=mode)
+                     activation=nnx.relu, skip=skip, scaling=scaling, mode=mode,
+                     branch_policy=policy)
 
   def __call__(self, x, xs=None):  # pylint: disable=arguments-differ
     xs = xs or {}
@@ -173,7 +185,7 @@ class ResNet(nnx.Module):
         int(sum(stage_sizes)), p_last, survival_rule, survival))
     self.mode, self.stem, self.dtype = mode, stem, dtype
     self.deterministic = False
-    skip = "mask" if mode in options.ROW_MODES else backend.resolve_skip(
+    self.skip = skip = "mask" if mode in options.ROW_MODES else backend.resolve_skip(
         skip, mode, stage=False)
     layers = Layers(conv_bias=conv_bias, dtype=dtype, axis_name=axis_name, rngs=rngs)
     width = stage_features[0] if stem == "cifar" else 64
@@ -228,7 +240,10 @@ class ResNet(nnx.Module):
       if name.endswith("_first"):
         x = getattr(self, name)(x, {k: v[0] for k, v in xs.items()})
       else:
-        x = _run_stacked(getattr(self, name), x, xs)
+        # Unrolled or not as the Linen ResNet's stages (a masked block always runs).
+        unroll = backend.unroll_stages(length, remat=False,
+                                       gated="gate" in xs and self.skip != "mask")
+        x = _run_stacked(getattr(self, name), x, xs, unroll)
       start += length
     x = jnp.mean(x, axis=(1, 2))
     return jnp.asarray(self.head(x), jnp.float32)
@@ -245,9 +260,9 @@ def _stacked(length: int, make: Callable[[nnx.Rngs], nnx.Module],
   return create(rngs)
 
 
-def _run_stacked(blocks: nnx.Module, x, xs: dict):
+def _run_stacked(blocks: nnx.Module, x, xs: dict, unroll: int | bool = 1):
   """x through stacked `blocks` with `nnx.scan`, block l reading its slice of xs."""
-  @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
+  @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll)
   def run(block, h, block_xs):
     return block(h, block_xs)
   return run(blocks, x, xs)

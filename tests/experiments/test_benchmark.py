@@ -502,3 +502,14 @@ def test_the_suites_drop_path_setting_runs_the_papers_models_and_checks_small():
   argv, _ = settings.command("drop_path", "out.json", small=True, extra=[])
   assert {"--small", "--rates=0.5", "--calls=1"} <= set(argv)
   assert ("--torch" in argv) == settings.torch_available()
+
+
+@pytest.mark.e2e
+def test_the_nnx_benchmark_times_both_apis_on_the_same_variables():
+  from benchmarks import nnx_step  # pylint: disable=g-import-not-at-top
+  rows = nnx_step.measure([(8, 8)], ["cond", "mask"], 0.5, repeats=1, calls=1)
+  assert [(r["api"], r["skip"]) for r in rows] == [
+      ("linen", "cond"), ("nnx", "cond"), ("linen", "mask"), ("nnx", "mask")]
+  for r in rows:
+    assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["compile_s"] > 0
+    assert (r["ratio_to_linen"] == 1.0) == (r["api"] == "linen")

@@ -3,16 +3,13 @@ logits, gradients and new statistics."""
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
 from sdnet import models
 from sdnet import nnx as sdnnx
 from tests import helpers
-
-X = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-LABELS = jnp.arange(4) % 10
-
 
 def twins(make_linen, make_nnx, x):
   linen = make_linen()
@@ -39,12 +36,15 @@ def nnx_step(model, x, key):
   return nnx.value_and_grad(loss, has_aux=True)(model)
 
 
-@pytest.mark.parametrize("depth,skip,mode,image", [
-    ("cifar8", "cond", "batch", 8), ("cifar20", "mask", "batch", 8),
-    ("cifar20", "mask", "row", 8), ("imagenet14", "cond", "batch", 32)])
-def test_an_nnx_resnet_equals_its_linen_twin(depth, skip, mode, image):
+@pytest.mark.parametrize("depth,skip,mode,image,sharded", [
+    ("cifar8", "cond", "batch", 8, False), ("cifar20", "mask", "batch", 8, False),
+    ("cifar20", "mask", "row", 8, True), ("imagenet14", "cond", "batch", 32, False)])
+def test_an_nnx_resnet_equals_its_linen_twin(depth, skip, mode, image, sharded):
   kw = dict(skip=skip, mode=mode, num_classes=10)
   x = jax.random.normal(jax.random.key(1), (4, image, image, 3))
+  if sharded:  # the batch over 4 devices under jit: BatchNorm's statistics stay global
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
   if depth.startswith("cifar"):
     n = int(depth[5:])
     make_linen = lambda: models.CifarResNet(n, **kw)
