@@ -13,9 +13,12 @@ stacked along a leading axis ("stage2_blocks", created with `nnx.vmap`, run with
     logits = model(images, key=gate_key)        # training: BatchNorm updates statistics
     model.eval(); logits = model(images)         # evaluation: every block, scaled by p_l
 
-Skipping: "cond" (per block, inside the stage's scan) or "mask"; "auto" resolves as for a
-lone block (`sdnet.backend.auto_skip(stage=False)`). Stage compaction ("compact") and the
-remat policies are the Linen ResNet's; here "compact" is refused.
+Skipping: "cond" (per block, inside the stage's scan; the branch keeps only its
+convolutions' outputs for the backward pass, `sdnet.backend.branch_policy`) or "mask";
+"auto" resolves as for a lone block (`sdnet.backend.auto_skip(stage=False)`). Stages
+unroll as the Linen ResNet's (`sdnet.backend.unroll_stages`). Stage compaction
+("compact") and rematerialising whole blocks (`remat=True`) are the Linen ResNet's alone;
+"compact" is refused here.
 """
 
 from __future__ import annotations
