@@ -29,7 +29,6 @@ import re
 from typing import Any, Literal
 
 from flax import nnx
-import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
