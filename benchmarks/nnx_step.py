@@ -68,17 +68,7 @@ def linen_variant(linen, variables, images, labels, key):
 
   state = jax.tree.map(jnp.array, (variables["params"], variables["batch_stats"],
                                    TX.init(variables["params"]), jnp.zeros((), jnp.int32)))
-  start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels, key).compile(
-      compiler_options=backend.compiler_options())
-  compile_s = time.perf_counter() - start
-  holder = {"state": compiled(state, images, labels, key)[0]}
-
-  def run(calls):
-    for _ in range(calls):
-      holder["state"], loss = compiled(holder["state"], images, labels, key)
-    loss.block_until_ready()
-  return run, compile_s
+  return _compiled_runner(step, state, images, labels, key)
 
 
 def nnx_variant(model, images, labels, key):
@@ -103,8 +93,15 @@ def nnx_variant(model, images, labels, key):
     loss = step(model, optimizer, count, images, labels, key)
     return nnx.state((model, optimizer, count)), loss
 
+  return _compiled_runner(pure, state, images, labels, key)
+
+
+def _compiled_runner(step, state, images, labels, key):
+  """(run, compile_s): `step(state, images, labels, key) -> (state, loss)` compiled ahead
+  of time with its state donated and the backend's options, run once, and run(calls)
+  running it `calls` times more on its own state."""
   start = time.perf_counter()
-  compiled = jax.jit(pure, donate_argnums=0).lower(state, images, labels, key).compile(
+  compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels, key).compile(
       compiler_options=backend.compiler_options())
   compile_s = time.perf_counter() - start
   holder = {"state": compiled(state, images, labels, key)[0]}

@@ -171,6 +171,25 @@ class Block(nn.Module):
     return y, None
 
 
+def check_resnet(stage_sizes, stage_features, stem, skip, skips, scaling, mode) -> None:
+  """ValueError for a ResNet's (Linen's or NNX's) stages, stem, skip (one of the Literal
+  type `skips`), scaling or mode that cannot work, in one line each."""
+  if len(stage_sizes) != len(stage_features) or min(stage_sizes) < 1:
+    raise ValueError("stage_sizes and stage_features must have one positive entry per "
+                     f"stage, got {stage_sizes} and {stage_features}.")
+  if stem not in ("cifar", "imagenet"):
+    raise ValueError(f"unknown stem {stem!r}; choose 'cifar' or 'imagenet'.")
+  options.check("skip implementation", skip, skips)
+  options.check("scaling rule", scaling, options.Scaling)
+  options.check("mode", mode, options.Mode)
+  options.check_skip_for_mode(skip, mode)
+  if mode in options.ROW_MODES and skip == "gather":
+    raise ValueError(
+        "skip='gather' runs a branch on the kept examples only, and a ResNet's branches "
+        "hold BatchNorm, whose batch statistics would then differ from masking's: use "
+        "skip='mask' (or 'auto') with per-example gates.")
+
+
 class ResNet(nn.Module):
   """A post-activation ResNet whose residual blocks have stochastic depth.
 
@@ -218,21 +237,9 @@ class ResNet(nn.Module):
   scan_unroll: int | bool | Literal["auto"] = "auto"
 
   def __post_init__(self):
-    if len(self.stage_sizes) != len(self.stage_features) or min(self.stage_sizes) < 1:
-      raise ValueError("stage_sizes and stage_features must have one positive entry per "
-                       f"stage, got {self.stage_sizes} and {self.stage_features}.")
-    if self.stem not in ("cifar", "imagenet"):
-      raise ValueError(f"unknown stem {self.stem!r}; choose 'cifar' or 'imagenet'.")
+    check_resnet(self.stage_sizes, self.stage_features, self.stem, self.skip,
+                 options.StageSkip, self.scaling, self.mode)
     self.survival_probs()  # validates p_last / survival_rule / survival
-    options.check("skip implementation", self.skip, options.StageSkip)
-    options.check("scaling rule", self.scaling, options.Scaling)
-    options.check("mode", self.mode, options.Mode)
-    options.check_skip_for_mode(self.skip, self.mode)
-    if self.mode in options.ROW_MODES and self.skip == "gather":
-      raise ValueError(
-          "skip='gather' runs a branch on the kept examples only, and a ResNet's branches "
-          "hold BatchNorm, whose batch statistics would then differ from masking's: use "
-          "skip='mask' (or 'auto') with per-example gates.")
     super().__post_init__()
 
   def stage_skip(self) -> str:

@@ -166,23 +166,12 @@ class ResNet(nnx.Module):
                scaling: options.Scaling = "paper", mode: options.Mode = "batch",
                dtype: Any = jnp.float32, axis_name: str | None = None,
                conv_bias: bool = True, in_features: int = 3, rngs: nnx.Rngs):
-    if len(stage_sizes) != len(stage_features) or min(stage_sizes) < 1:
-      raise ValueError("stage_sizes and stage_features must have one positive entry per "
-                       f"stage, got {stage_sizes} and {stage_features}.")
-    if stem not in ("cifar", "imagenet"):
-      raise ValueError(f"unknown stem {stem!r}; choose 'cifar' or 'imagenet'.")
     if skip == "compact":
       raise ValueError("skip='compact' (stage compaction) is the Linen ResNet's "
                        "(sdnet.models); the NNX ResNet skips per block: 'cond', 'mask' "
                        "or 'auto'.")
-    options.check("skip implementation", skip, options.Skip)
-    options.check("mode", mode, options.Mode)
-    options.check_skip_for_mode(skip, mode)
-    if mode in options.ROW_MODES and skip == "gather":
-      raise ValueError(
-          "skip='gather' runs a branch on the kept examples only, and a ResNet's branches "
-          "hold BatchNorm, whose batch statistics would then differ from masking's: use "
-          "skip='mask' (or 'auto') with per-example gates.")
+    linen_models.check_resnet(stage_sizes, stage_features, stem, skip, options.Skip,
+                              scaling, mode)
     self.probs = tuple(float(p) for p in survival_lib.schedule(
         int(sum(stage_sizes)), p_last, survival_rule, survival))
     self.mode, self.stem, self.dtype = mode, stem, dtype
